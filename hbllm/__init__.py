@@ -1,0 +1,11 @@
+"""hbllm: 1-bit post-training quantization of LLMs (HBLLM, BiLLM, baselines).
+
+>>> import hbllm
+>>> cfg = hbllm.QuantConfig(method="hbllm", layout="row")
+>>> res = hbllm.quantize_weight(weight, hessian, cfg)   # weight (rows, cols), hessian (cols, cols)
+"""
+from .config import QuantConfig, RunConfig
+from .quant import QuantResult, quantize_weight
+
+__all__ = ["QuantConfig", "RunConfig", "QuantResult", "quantize_weight"]
+__version__ = "0.1.0"
