@@ -41,7 +41,8 @@ class QuantConfig:
 
     method: hbllm | billm | sign | none.  layout: row | col (HBLLM only).
     partition: row | global split search.  shared_mean: one mean per row for both groups.
-    salient_metric: l2 | l1 | magnitude.  up_lim: salient candidates per block (k < up_lim).
+    salient_metric: l2 | l1 | magnitude; empty (None) = the method's own (hbllm l2, billm l1).
+    up_lim: salient candidates per block (k < up_lim).
     blocksize: GPTQ block width in columns.  percdamp: damping as a fraction of mean(diag H).
     haar_inverse: exact (1/sqrt2) | authors (0.70703125).  disable_gptq: no compensation.
     """
@@ -50,7 +51,7 @@ class QuantConfig:
     layout: str = "row"
     partition: str = "row"
     shared_mean: bool = False
-    salient_metric: str = "l2"
+    salient_metric: Optional[str] = None
     up_lim: int = 50
     blocksize: int = 128
     percdamp: float = 0.01
@@ -62,6 +63,8 @@ class QuantConfig:
         _choice("quant.method", self.method, METHODS)
         _choice("quant.layout", self.layout, LAYOUTS)
         _choice("quant.partition", self.partition, PARTITIONS)
+        if self.salient_metric is None:
+            self.salient_metric = "l1" if self.method == "billm" else "l2"
         _choice("quant.salient_metric", self.salient_metric, SALIENT_METRICS)
         _choice("quant.haar_inverse", self.haar_inverse, HAAR_INVERSES)
         if not isinstance(self.blocksize, int) or self.blocksize < 2 or self.blocksize % 2:
@@ -135,7 +138,13 @@ class DataConfig:
 
 @dataclass
 class ZeroShotConfig:
-    """lm-eval zero-shot tasks run on the in-memory model after quantization."""
+    """lm-eval zero-shot tasks run on the in-memory model after quantization.
+
+    tasks: any lm-eval task names.  limit: docs per task (< 1: fraction) for quick runs.
+    local_dir: air-gapped mirror ``<local_dir>/<task>/<split>.jsonl`` (docs/zeroshot.md).
+    bootstrap_iters: lm-eval bootstrap resamples for stderrs without a closed form
+    (lambada perplexity; acc stderrs are closed-form); 0 skips all stderrs.
+    """
 
     enabled: bool = False
     tasks: List[str] = field(default_factory=lambda: list(ZEROSHOT_TASKS))
@@ -143,12 +152,15 @@ class ZeroShotConfig:
     limit: Optional[float] = None
     num_fewshot: int = 0
     local_dir: Optional[str] = None
+    bootstrap_iters: int = 100000
 
     def __post_init__(self) -> None:
         _positive("eval.zeroshot.batch_size", self.batch_size)
         _positive("eval.zeroshot.limit", self.limit, allow_none=True)
         if self.num_fewshot < 0:
             raise ValueError("eval.zeroshot.num_fewshot must be >= 0")
+        if self.bootstrap_iters < 0:
+            raise ValueError("eval.zeroshot.bootstrap_iters must be >= 0")
 
 
 @dataclass
@@ -159,6 +171,7 @@ class EvalConfig:
     seqlen: Optional[int] = None
     max_windows: Optional[int] = None
     batch_size: int = 1
+    bos: bool = False  # prepend BOS to every window (Gemma needs it); GPTQ-standard: false
     baseline: bool = False
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 

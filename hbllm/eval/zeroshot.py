@@ -1,0 +1,193 @@
+"""Zero-shot accuracy with lm-evaluation-harness on the in-memory (quantized) model.
+
+``run_zeroshot`` wraps the model in ``HFLM(pretrained=<model>, tokenizer=...)`` (no reload, no
+checkpoint) and runs ``lm_eval.simple_evaluate``. Tasks found in ``cfg.local_dir`` are read
+from there through our task YAMLs (:mod:`hbllm.tasks.local`); the others come from the hub,
+and when the hub cannot be reached the run fails at once naming ``eval.zeroshot.local_dir``.
+
+Result (stored as ``zeroshot`` / ``baseline_zeroshot`` in results.json)::
+
+    {<task>: {"acc": .., "acc_stderr": .., "acc_norm": .., "acc_norm_stderr": ..,
+              "perplexity": .. (lambada), "samples": n}, "average": mean task score}
+
+A task's score is its ``acc`` (for other tasks: their first higher-is-better metric); the
+average is the unweighted mean of the leaf tasks' scores.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from typing import Dict, List, Optional
+
+from hbllm.config import ZeroShotConfig
+from hbllm.tasks import local
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 5.0
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def run_zeroshot(model, tokenizer, cfg: ZeroShotConfig, device=None) -> dict:
+    """Evaluate a ``transformers`` causal LM (already on ``device`` or moved there) on
+    ``cfg.tasks``. Returns the results dict described in the module docstring."""
+    from lm_eval.models.huggingface import HFLM
+
+    if device is not None:
+        model.to(device)
+    model.eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+    return evaluate_lm(lm, cfg)
+
+
+def evaluate_lm(lm, cfg: ZeroShotConfig) -> dict:
+    """Run ``cfg.tasks`` on an lm-eval ``LM`` object; print and return the summary."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    tasks = list(cfg.tasks)
+    if not tasks:
+        raise ValueError("eval.zeroshot.tasks is empty")
+    if cfg.local_dir and not os.path.isdir(os.path.expanduser(cfg.local_dir)):
+        raise FileNotFoundError(f"eval.zeroshot.local_dir={cfg.local_dir!r} is not a directory")
+    _check_hub_tasks([t for t in tasks if not local.has_local_data(cfg.local_dir, t)], cfg.local_dir)
+    with tempfile.TemporaryDirectory(prefix="hbllm_tasks_") as tmp:
+        written = local.write_local_tasks(tasks, cfg.local_dir, tmp, cfg.num_fewshot) if cfg.local_dir else []
+        if written:
+            log.info("zero-shot tasks read from %s: %s", cfg.local_dir, written)
+        manager = TaskManager(include_path=tmp if written else None)
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            raise ValueError(f"eval.zeroshot.tasks: unknown lm-eval task(s) {unknown}")
+        _check_hub_cache([t for t in tasks if t not in written], manager, cfg.local_dir)
+        out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                              task_manager=manager, log_samples=False,
+                              bootstrap_iters=cfg.bootstrap_iters)
+    print(make_table(out))
+    summary = summarize(out)
+    print(f"zero-shot average ({len(summary) - 1} tasks): {summary['average']:.4f}")
+    return summary
+
+
+def summarize(out: dict) -> dict:
+    """lm-eval's ``simple_evaluate`` output -> ``{task: {metric: value}, "average": float}``.
+
+    Metric keys ``"acc,none"`` become ``acc`` (other filters: ``acc_<filter>``); non-numeric
+    values (``"N/A"`` stderr) are dropped; group rows are skipped (leaf tasks only).
+    """
+    groups = set(out.get("groups", {}))
+    summary: Dict[str, dict] = {}
+    scores: List[float] = []
+    for task, metrics in out["results"].items():
+        if task in groups:
+            continue
+        row, base = {}, {}
+        for key, value in metrics.items():
+            name, _, filt = key.partition(",")
+            if filt and isinstance(value, (int, float)) and not isinstance(value, bool):
+                out_key = name if filt == "none" else f"{name}_{filt}"
+                row[out_key], base[out_key] = float(value), name
+        score_key = _score_key(base, out.get("higher_is_better", {}).get(task, {}))
+        if score_key is None:
+            raise ValueError(f"task {task!r} has no accuracy-like metric to average: {sorted(row)}")
+        scores.append(row[score_key])
+        n = out.get("n-samples", {}).get(task, {}).get("effective")
+        if n is not None:
+            row["samples"] = int(n)
+        summary[task] = row
+    summary["average"] = sum(scores) / len(scores) if scores else float("nan")
+    return summary
+
+
+def _score_key(base: Dict[str, str], higher_is_better: dict) -> Optional[str]:
+    """The result key a task contributes to the average: ``acc``, else its first
+    higher-is-better metric (``base`` maps result keys to lm-eval metric names)."""
+    if "acc" in base:
+        return "acc"
+    return next((key for key, name in base.items() if higher_is_better.get(name)), None)
+
+
+def hub_offline_reason() -> Optional[str]:
+    """Why the Hugging Face hub cannot be used (offline flag or failed probe), else None.
+
+    The probe asks ``HF_ENDPOINT`` (through any configured proxy) and gives up after
+    ``PROBE_TIMEOUT_S`` seconds, DNS included.
+    """
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return f"{var} is set"
+    from huggingface_hub import constants
+
+    result: Dict[str, str] = {}
+
+    def probe():
+        try:
+            urllib.request.urlopen(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S).close()
+            result["ok"] = ""
+        except urllib.error.HTTPError:  # the server answered
+            result["ok"] = ""
+        except Exception as err:  # noqa: BLE001 - any failure means unreachable
+            result["err"] = f"{type(err).__name__}: {err}"
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(PROBE_TIMEOUT_S)
+    if "ok" in result:
+        return None
+    return f"{constants.ENDPOINT} unreachable ({result.get('err', 'timed out')})"
+
+
+def _missing_data_error(tasks: List[str], local_dir: Optional[str], reason: str) -> RuntimeError:
+    lines = []
+    for task in tasks:
+        if task in local.local_task_names():
+            where = local.expected_file(local_dir or "<local_dir>", task)
+            lines.append(f"  {task}: put its evaluation split at {where} (or .parquet)")
+        else:
+            lines.append(f"  {task}: no air-gapped template (available: {', '.join(local.local_task_names())})")
+    return RuntimeError(
+        f"zero-shot data unavailable: the Hugging Face hub cannot be used ({reason}) and "
+        f"eval.zeroshot.local_dir={local_dir!r} does not hold these tasks:\n" + "\n".join(lines)
+        + "\nSet eval.zeroshot.local_dir to a local mirror (layout: docs/zeroshot.md), or drop the "
+        "tasks from eval.zeroshot.tasks.")
+
+
+def _check_hub_tasks(tasks: List[str], local_dir: Optional[str]) -> None:
+    """Fail at once when tasks need the hub, the hub is unreachable and no offline flag
+    lets ``datasets`` use its cache (checked later by :func:`_check_hub_cache`)."""
+    if not tasks:
+        return
+    reason = hub_offline_reason()
+    if reason is None:
+        return
+    from datasets import config as ds_config
+
+    if not ds_config.HF_HUB_OFFLINE:  # datasets would retry the network for each task
+        raise _missing_data_error(tasks, local_dir, reason + "; set HF_DATASETS_OFFLINE=1 to use "
+                                  "datasets already in the Hugging Face cache")
+
+
+def _check_hub_cache(tasks: List[str], manager, local_dir: Optional[str]) -> None:
+    """In ``datasets`` offline mode, require each hub task's dataset to be in the HF cache."""
+    from datasets import config as ds_config
+    from datasets import load_dataset_builder
+
+    if not tasks or not ds_config.HF_HUB_OFFLINE:
+        return
+    missing = []
+    for task in tasks:
+        entry = manager.task_index[task]
+        cfg = entry.cfg or {}
+        if "dataset_path" not in cfg:  # groups/tags: their members are checked by lm-eval
+            continue
+        try:
+            load_dataset_builder(cfg["dataset_path"], cfg.get("dataset_name"))
+        except Exception:  # noqa: BLE001 - not cached (ConnectionError, FileNotFoundError ...)
+            missing.append(task)
+    if missing:
+        raise _missing_data_error(missing, local_dir, "datasets offline mode, not in the HF cache")
