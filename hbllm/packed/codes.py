@@ -1,0 +1,137 @@
+"""The codes of one Haar-binarized linear: what the packed format stores (METHOD.md section 5).
+
+A *band* is a matrix of binarized coefficients ``value = mean[g] + scale[g] * (+1 | -1)``; each
+entry stores a sign bit and a group-membership bit ``g`` (True: the ``|x| >= t`` group), each row
+its fp16 statistics for the two groups (or one shared mean and two scales).
+
+Row layout, per block of ``blocksize`` columns: ``low``/``high`` are the column-Haar bands of the
+block (rows x blocksize/2); ``sal_low``/``sal_high`` the row-Haar bands of the salient residual
+(rows/2 x k). Col layout: ``low``/``high`` are the row-Haar bands of the non-salient columns
+(rows/2 x (blocksize-k), in column order); the salient residual is as in the row layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+
+@dataclass
+class BandCodes:
+    """sign, member: bool (r, n); mean: (r, 2) or (r, 1) when shared; scale: (r, 2)."""
+
+    sign: torch.Tensor
+    member: torch.Tensor
+    mean: torch.Tensor
+    scale: torch.Tensor
+
+    def __post_init__(self) -> None:
+        r, n = self.sign.shape
+        if self.member.shape != (r, n):
+            raise ValueError(f"band member bits {tuple(self.member.shape)} != sign bits {(r, n)}")
+        if self.scale.shape != (r, 2) or self.mean.shape not in ((r, 2), (r, 1)):
+            raise ValueError(f"band stats must be mean (r,2|1), scale (r,2) with r={r}; got "
+                             f"{tuple(self.mean.shape)}, {tuple(self.scale.shape)}")
+        self.sign = self.sign.bool()
+        self.member = self.member.bool()
+
+    @property
+    def shared_mean(self) -> bool:
+        return self.mean.shape[1] == 1
+
+    def dequantize(self) -> torch.Tensor:
+        """The band's values, float32 (r, n), from fp16-rounded statistics."""
+        mean = self.mean.to(torch.float16).float().expand(-1, 2)
+        scale = self.scale.to(torch.float16).float()
+        g = self.member.long()
+        m, a = mean.gather(1, g), scale.gather(1, g)
+        return m + torch.where(self.sign, a, -a)
+
+
+@dataclass
+class BlockCodes:
+    """One block: ``salient`` (k,) column indices inside the block, the main bands, and the
+    salient residual's row-Haar bands (None when k == 0)."""
+
+    salient: torch.Tensor
+    low: BandCodes
+    high: BandCodes
+    sal_low: Optional[BandCodes] = None
+    sal_high: Optional[BandCodes] = None
+
+
+@dataclass
+class LinearCodes:
+    """All blocks of one (rows, cols) linear. ``inverse``: the Haar inverse constant name."""
+
+    layout: str
+    rows: int
+    cols: int
+    blocksize: int
+    inverse: str
+    blocks: List[BlockCodes]
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("row", "col"):
+            raise ValueError(f"layout={self.layout!r} must be 'row' or 'col'")
+        if self.cols % self.blocksize or self.blocksize % 64:
+            raise ValueError(f"packed format needs blocksize a multiple of 64 dividing cols; got "
+                             f"cols={self.cols}, blocksize={self.blocksize}")
+        if self.rows % 2:
+            raise ValueError(f"packed format needs an even number of rows, got {self.rows}")
+        if len(self.blocks) != self.cols // self.blocksize:
+            raise ValueError(f"{len(self.blocks)} blocks for cols={self.cols}, blocksize={self.blocksize}")
+
+
+def dequantize(codes: LinearCodes) -> torch.Tensor:
+    """Reconstruct the (rows, cols) float32 weight from its codes, block by block (METHOD.md 5)."""
+    from ..quant.haar import haar_inverse
+
+    bs = codes.blocksize
+    out = []
+    for blk in codes.blocks:
+        low, high = blk.low.dequantize(), blk.high.dequantize()
+        sal = blk.salient.long().to(low.device)
+        if codes.layout == "row":
+            w = haar_inverse(low, high, dim=1, inverse=codes.inverse)
+        else:
+            keep = torch.ones(bs, dtype=torch.bool, device=low.device)
+            keep[sal] = False
+            w = low.new_zeros(codes.rows, bs)
+            w[:, keep] = haar_inverse(low, high, dim=0, inverse=codes.inverse)
+        if blk.sal_low is not None:
+            w[:, sal] += haar_inverse(blk.sal_low.dequantize(), blk.sal_high.dequantize(),
+                                      dim=0, inverse=codes.inverse)
+        out.append(w)
+    return torch.cat(out, dim=1)
+
+
+def _bands(split, h: int) -> BandCodes:
+    """Band ``h`` of the quantizer's stacked ``SplitCodes`` (upper, sign, mean, scale)."""
+    return BandCodes(split.sign[h] > 0, split.upper[h], split.mean[h].float(), split.scale[h].float())
+
+
+def from_quantizer(blocks: List[dict], rows: int, cols: int, blocksize: int, layout: str,
+                   inverse: str) -> LinearCodes:
+    """Convert ``quantize_weight(..., return_codes=True).codes`` of an HBLLM linear (a list of
+    per-block dicts ``{start, end, salient_idx, main, residual}``) to :class:`LinearCodes`.
+
+    A sign of exactly 0 (an entry equal to its group mean) is stored as ``+``; it only matters
+    when the group's scale is non-zero, which the tests measure.
+    """
+    out = []
+    for blk in blocks:
+        if "main" not in blk or "residual" not in blk:
+            raise ValueError("packing needs HBLLM codes (keys main/residual); got "
+                             f"{sorted(blk)} -- BiLLM/sign checkpoints have no packed format")
+        if blk["end"] - blk["start"] != blocksize:
+            raise ValueError(f"block [{blk['start']}, {blk['end']}) is not {blocksize} wide: the "
+                             "packed format needs in_features divisible by blocksize")
+        sal = blk["salient_idx"].long().cpu()
+        main, res = blk["main"], blk["residual"]
+        main = type(main)(*(t.cpu() for t in main))
+        res = type(res)(*(t.cpu() for t in res))
+        sl, sh = (_bands(res, 0), _bands(res, 1)) if sal.numel() else (None, None)
+        out.append(BlockCodes(sal, _bands(main, 0), _bands(main, 1), sl, sh))
+    return LinearCodes(layout, rows, cols, blocksize, inverse, out)

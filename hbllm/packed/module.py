@@ -1,0 +1,80 @@
+"""``PackedLinear``: a drop-in ``nn.Linear`` replacement that computes from packed codes.
+
+On CUDA with Triton it runs :mod:`hbllm.packed.triton_kernels` (row layout: one fused launch,
+a GEMV for up to ``GEMV_MAX_TOKENS`` tokens, ``tl.dot`` tiles beyond; col layout: two ``tl.dot``
+band launches plus torch glue); elsewhere the plain torch band path of
+:mod:`hbllm.packed.runtime`. Neither keeps a full-precision copy of the weight.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..quant.haar import INVERSE
+from .runtime import build_runtime, pair_output, salient_input, torch_forward
+
+try:  # Triton exists only where CUDA does; the CPU path never needs it.
+    from . import triton_kernels
+except ImportError:  # pragma: no cover - depends on the machine
+    triton_kernels = None
+
+GEMV_MAX_TOKENS = 4  # up to this many tokens the row layout uses the fused GEMV kernel
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W given by packed codes.
+
+    ``packed``: the on-disk tensors (format.py), kept on the CPU for re-saving; ``meta``: the
+    manifest entry; compute buffers are built on ``device`` (default: the CPU) and move with
+    the module.
+    """
+
+    def __init__(self, packed: Dict[str, torch.Tensor], meta: dict,
+                 bias: Optional[torch.Tensor] = None, device: Optional[torch.device] = None):
+        super().__init__()
+        self.meta = dict(meta)
+        self.in_features, self.out_features = meta["cols"], meta["rows"]
+        self.packed = {k: v.cpu() for k, v in packed.items()}
+        on_device = {k: v.to(device) for k, v in packed.items()} if device is not None else self.packed
+        for name, buf in build_runtime(on_device, meta).items():
+            self.register_buffer(name, buf, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(device),
+                                                           requires_grad=False)
+        self.use_triton = True  # set False to force the torch path on CUDA (tests, benchmarks)
+
+    def extra_repr(self) -> str:
+        m = self.meta
+        return (f"in_features={m['cols']}, out_features={m['rows']}, layout={m['layout']}, "
+                f"blocksize={m['blocksize']}, bias={self.bias is not None}")
+
+    def runtime(self) -> Dict[str, torch.Tensor]:
+        return {k: v for k, v in self.named_buffers(recurse=False)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"PackedLinear expects last dim {self.in_features}, got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.is_cuda and triton_kernels is not None and self.use_triton:
+            y = self._triton_forward(x2.contiguous())
+        else:
+            y = torch_forward(x2, self.runtime(), self.meta).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, rt = self.meta, self.runtime()
+        c = INVERSE[m["inverse"]]
+        if m["layout"] == "row":
+            kernel = triton_kernels.row_gemv if x.shape[0] <= GEMV_MAX_TOKENS else triton_kernels.row_mm
+            return kernel(x, rt, m, c)
+        dt = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float16
+        u = triton_kernels.band_mm((x * rt["ns_mask"]).to(dt), rt["main_sign"], rt["main_member"],
+                                   rt["main_wgrp"], rt["main_stats"])
+        zs = salient_input(x, rt["sal_cols"]).to(dt)
+        u = u + triton_kernels.band_mm(zs, rt["sal_sign"], rt["sal_member"], rt["sal_wgrp"],
+                                       rt["sal_stats"])
+        return pair_output(u, c).to(x.dtype)
