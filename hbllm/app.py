@@ -1,0 +1,223 @@
+"""The ``hbllm`` Hydra app: calibrate, quantize layer by layer, evaluate, save, log.
+
+    hbllm model=llama2-7b calib=c4 quant=hbllm_row
+    hbllm experiment=demo data.local_dir=../shared/data
+
+Stages, each stored in ``results.json`` as soon as it is known (and skipped on resume): baseline
+perplexity / zero-shot (``eval.baseline``), layer-wise quantization, perplexity, zero-shot.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ModelConfig, QuantConfig, RunConfig, validate
+from .results import Results, config_key
+
+log = logging.getLogger("hbllm")
+
+
+def _run_dir_resolver(*, _root_) -> str:
+    """``${hbllm_run_dir:}``: ``<model>/<method>/<calib>-<resume key>`` of the config being
+    composed, so an identical config always gets the same run directory."""
+    resolved = {k: OmegaConf.to_container(_root_[k], resolve=True)
+                if OmegaConf.is_config(_root_[k]) else _root_[k] for k in _root_ if k != "hydra"}
+    method = QuantConfig(**resolved["quant"]).name
+    return f"{resolved['model']['name']}/{method}/{resolved['calib']['name']}-{config_key(resolved)}"
+
+
+def _if_local(local_dir, without: List[str], with_local: List[str]) -> List[str]:
+    """``${hbllm_if_local:${data.local_dir},[a],[a,b]}``: a list depending on data.local_dir."""
+    return list(with_local if local_dir else without)
+
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore and register the resolvers (idempotent)."""
+    ConfigStore.instance().store(name="hbllm_schema", node=RunConfig)
+    OmegaConf.register_new_resolver("hbllm_run_dir", _run_dir_resolver, replace=True)
+    OmegaConf.register_new_resolver("hbllm_if_local", _if_local, replace=True)
+
+
+register()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but CUDA is not available; use device=cpu or auto")
+    return device
+
+
+def format_table(results: Dict[str, Any]) -> str:
+    """The perplexity (and zero-shot) table printed at the end of a run."""
+    method = results.get("method", "quantized")
+    ppl, base = results.get("ppl", {}), results.get("baseline_ppl", {})
+    rows = [("metric", "full precision", method)]
+    for d in dict.fromkeys([*base, *ppl]):
+        rows.append((f"ppl {d}", _fmt(base.get(d)), _fmt(ppl.get(d))))
+    zs, bzs = results.get("zeroshot", {}), results.get("baseline_zeroshot", {})
+    for task in dict.fromkeys([*bzs, *zs]):
+        get = (lambda r: r.get(task, {}).get("acc")) if task != "average" else \
+            (lambda r: r.get("average"))
+        rows.append((f"acc {task}", _fmt(get(bzs)), _fmt(get(zs))))
+    bits = results.get("bits")
+    if bits:
+        rows.append(("bits/weight paper|full", "", f"{bits['paper']:.3f} | {bits['full']:.3f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _bos_id(tokenizer) -> int:
+    if tokenizer.bos_token_id is None:
+        raise ValueError("eval.bos=true but the tokenizer has no BOS token")
+    return tokenizer.bos_token_id
+
+
+def _evaluate(model, tokenizer, rc: RunConfig, eval_tokens, device, results: Results,
+              tracker, prefix: str) -> None:
+    """Perplexity on each dataset (and zero-shot when enabled) into ``results[prefix...]``,
+    skipping what is stored already. ``prefix``: "" (quantized) or "baseline_"."""
+    from .eval.perplexity import perplexity
+
+    seqlen = rc.eval.seqlen or rc.model.seqlen
+    section = f"{prefix}ppl"
+    todo = [d for d in eval_tokens if d not in results.get(section, {})]
+    zs_todo = rc.eval.zeroshot.enabled and f"{prefix}zeroshot" not in results.data
+    if not todo and not zs_todo:
+        return
+    t0 = time.perf_counter()
+    model.to(device)
+    try:
+        for d in todo:
+            value = perplexity(model, eval_tokens[d], seqlen, rc.eval.max_windows,
+                               rc.eval.batch_size, device, desc=f"{section} {d}",
+                               bos_id=_bos_id(tokenizer) if rc.eval.bos else None)
+            log.info("%s %s = %.4f", section, d, value)
+            results.set_in(section, d, value)
+            tracker.log({f"{section}/{d}": value})
+        if zs_todo:
+            from .eval.zeroshot import run_zeroshot
+
+            zs = run_zeroshot(model, tokenizer, rc.eval.zeroshot, device)
+            results.update(**{f"{prefix}zeroshot": zs})
+            scalars = {f"{prefix}zeroshot/{t}/{m}": v for t, r in zs.items() if isinstance(r, dict)
+                       for m, v in r.items() if isinstance(v, (int, float))}
+            scalars[f"{prefix}zeroshot/average"] = zs["average"]
+            tracker.log(scalars)
+            tracker.table(f"{prefix}zeroshot_table", ["task", "acc", "acc_norm"],
+                          [[t, r.get("acc"), r.get("acc_norm")] for t, r in zs.items()
+                           if isinstance(r, dict)])
+    finally:
+        model.to("cpu")
+        timing = results.get("timing", {})
+        timing["eval_s"] = timing.get("eval_s", 0.0) + time.perf_counter() - t0
+        results.update(timing=timing)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
+    """Run one experiment described by the composed ``cfg`` into ``run_dir``; returns results."""
+    rc = validate(cfg)  # wrong values fail here, before anything is loaded
+    from .data import get_calibration, get_eval_tokens
+    from .models import load_model, load_tokenizer
+    from .pipeline import quantize_model
+    from .tracking import Tracker
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("hydra", None)
+    key = config_key(resolved)
+    results = Results(run_dir / "results.json", key, resume=rc.resume)
+    if results.done:
+        log.info("Run %s is complete in %s: nothing to do (resume=false reruns it)", key, run_dir)
+        print(format_table(results.data))
+        return results.data
+    if results.resumed:
+        log.info("Resuming run %s from %s", key, run_dir)
+    results.update(status="running", model=rc.model.name, method=rc.quant.name, config=resolved)
+
+    device = pick_device(rc.device)
+    tokenizer = load_tokenizer(rc.model)
+    seqlen = rc.eval.seqlen or rc.model.seqlen
+    max_tokens = rc.eval.max_windows * seqlen if rc.eval.max_windows else None
+    eval_tokens = {d: get_eval_tokens(d, rc.data, tokenizer, seqlen=seqlen, max_tokens=max_tokens)
+                   for d in rc.eval.datasets}
+    saved = run_dir / "model"
+    reuse_model = results.resumed and (saved / ".complete").exists()
+    timing = results.get("timing", {})
+    calib = None
+    if rc.quant.method != "none" and not reuse_model:
+        t0 = time.perf_counter()
+        calib = get_calibration(rc.calib, rc.data, tokenizer, rc.calib.seqlen or rc.model.seqlen,
+                                rc.seed)
+        timing["calibration_s"] = time.perf_counter() - t0
+        results.update(timing=timing)
+
+    tracker = Tracker(rc, resolved, run_dir, key)
+    ok = False
+    try:
+        model = load_model(rc.model, rc.seed)
+        if rc.eval.baseline:
+            _evaluate(model, tokenizer, rc, eval_tokens, device, results, tracker, "baseline_")
+        if reuse_model:
+            log.info("Reusing the quantized model saved in %s", saved)
+            model = load_model(ModelConfig(path=str(saved), dtype=rc.model.dtype), rc.seed)
+        else:
+            def on_layer(rec: dict) -> None:
+                tracker.log({"layer/index": rec["index"], "layer/loss": rec["loss"],
+                             "layer/time_s": rec["time_s"]})
+                results.update(layers=results.get("layers", [])[: rec["index"]] + [rec])
+
+            stats = quantize_model(model, calib, rc.quant, device, on_layer=on_layer)
+            timing = results.get("timing", {})
+            timing["quantize_s"] = stats.seconds
+            results.update(bits=stats.bits, timing=timing, layers=stats.layers)
+            if rc.save_model:
+                model.save_pretrained(saved)
+                tokenizer.save_pretrained(saved)
+                (saved / ".complete").touch()
+        _evaluate(model, tokenizer, rc, eval_tokens, device, results, tracker, "")
+        results.update(status="done")
+        final = {f"ppl/{d}": v for d, v in results.get("ppl", {}).items()}
+        final.update({f"baseline_ppl/{d}": v for d, v in results.get("baseline_ppl", {}).items()})
+        final.update({f"bits/{k}": v for k, v in results.get("bits", {}).items()})
+        final.update({f"timing/{k}": v for k, v in results.get("timing", {}).items()})
+        tracker.summary(final)
+        tracker.table("layers", ["index", "linear", "loss", "bits_paper", "bits_full", "time_s"],
+                      [[r["index"], n, v["loss"], v["bits_paper"], v["bits_full"], r["time_s"]]
+                       for r in results.get("layers", []) for n, v in r["linears"].items()])
+        ok = True
+    finally:
+        tracker.finish(exit_code=0 if ok else 1)
+    print(format_table(results.data))
+    return results.data
+
+
+# conf/ sits at the repository root (the package is installed editable); an absolute path works
+# both for `python -m hbllm.app` and for the `hbllm` console script.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Console script ``hbllm``. Returns the first perplexity (for Hydra sweepers)."""
+    results = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    return next(iter(results.get("ppl", {}).values()), None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The app end to end on a tiny random LLaMA: results.json, W&B, resume, fail-fast data errors."""
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, compose, wandb_logged
+from hbllm import app
+from hbllm.data import DataUnavailable
+
+# Text for the tiny runs: this package's own sources (always there, ~100k byte tokens; the
+# calibration and evaluation text are different files).
+SOURCES = sorted((REPO / "hbllm").glob("*.py"))
+CALIB_FILES = "[" + ",".join(str(p) for p in SOURCES[::2]) + "]"
+EVAL_FILES = "[" + ",".join(str(p) for p in SOURCES[1::2]) + "]"
+TINY = ["model=tiny-llama", "quant=sign", "calib=text_files", f"calib.files={CALIB_FILES}",
+        "calib.nsamples=4", "calib.seqlen=64", "eval.datasets=[text_files]",
+        f"data.eval_files={EVAL_FILES}", "eval.seqlen=64", "eval.max_windows=4",
+        "eval.baseline=true", "logger=offline"]
+
+
+def no_model(*a, **k):
+    raise AssertionError("the model must not be loaded")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("finished")
+    results = app.run(compose(*TINY), run_dir)
+    wandb_logged(run_dir)  # wait until wandb-core has written the whole run file
+    return run_dir, results
+
+
+@pytest.fixture
+def first_run(finished, tmp_path):
+    """A fresh copy of a finished run directory (tests may change its results.json)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished[0], run_dir, symlinks=True)
+    return run_dir, finished[1]
+
+
+def test_run_writes_results_and_logs(first_run):
+    run_dir, results = first_run
+    stored = json.loads((run_dir / "results.json").read_text())
+    assert stored == json.loads(json.dumps(results))
+    assert stored["status"] == "done" and stored["model"] == "tiny-llama"
+    assert stored["method"] == "sign" and stored["config"]["quant"]["method"] == "sign"
+    ppl, base = stored["ppl"]["text_files"], stored["baseline_ppl"]["text_files"]
+    assert 1 < base < 1e4 and 1 < ppl < 1e4 and ppl != base
+    assert 0.9 < stored["bits"]["paper"] <= stored["bits"]["full"] < 3
+    assert set(stored["timing"]) == {"calibration_s", "quantize_s", "eval_s"}
+    assert [r["index"] for r in stored["layers"]] == [0, 1]
+    assert all(r["loss"] > 0 and len(r["linears"]) == 7 for r in stored["layers"])
+
+    got = wandb_logged(run_dir)
+    assert got["summary"]["ppl/text_files"] == pytest.approx(ppl)
+    assert got["summary"]["baseline_ppl/text_files"] == pytest.approx(base)
+    assert [h["layer/loss"] for h in got["history"] if "layer/loss" in h] == \
+        pytest.approx([r["loss"] for r in stored["layers"]])
+    assert any(h.get("layers/nrows") == 14 for h in got["history"])
+    assert got["config"]["calib"]["nsamples"] == 4
+    assert got["run"].run_group == "tiny-llama-sign"
+
+
+def test_rerun_of_a_finished_run_does_nothing(first_run, monkeypatch):
+    run_dir, results = first_run
+    monkeypatch.setattr("hbllm.models.load_model", no_model)
+    monkeypatch.setattr("hbllm.models.load_tokenizer", no_model)
+    assert app.run(compose(*TINY), run_dir) == json.loads(json.dumps(results))
+
+
+def test_partial_run_resumes_from_stored_stages(first_run, monkeypatch):
+    run_dir, results = first_run
+    partial = dict(results, status="running", baseline_ppl={"text_files": 123.0})
+    del partial["ppl"]
+    (run_dir / "results.json").write_text(json.dumps(partial))
+    again = app.run(compose(*TINY), run_dir)
+    assert again["baseline_ppl"] == {"text_files": 123.0}  # kept, not recomputed
+    assert again["ppl"]["text_files"] == pytest.approx(results["ppl"]["text_files"], rel=1e-6)
+    assert again["status"] == "done"
+
+
+def test_changed_config_or_resume_false_starts_over(first_run):
+    run_dir, results = first_run
+    data = json.loads((run_dir / "results.json").read_text())
+    data["baseline_ppl"] = {"text_files": 123.0}
+    (run_dir / "results.json").write_text(json.dumps(data))
+    again = app.run(compose(*TINY, "resume=false", "quant=fp16"), run_dir)
+    assert again["baseline_ppl"]["text_files"] == pytest.approx(
+        results["baseline_ppl"]["text_files"])
+    assert again["ppl"] == again["baseline_ppl"] and again["layers"] == []
+
+
+def test_saved_model_is_loadable_and_reused(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from hbllm.data import get_eval_tokens
+    from hbllm.eval.perplexity import perplexity
+    from hbllm.models import byte_tokenizer
+
+    cfg = compose(*TINY, "save_model=true", "eval.baseline=false")
+    results = app.run(cfg, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    tokens = get_eval_tokens("text_files", app.validate(cfg).data, byte_tokenizer(), seqlen=64,
+                             max_tokens=256)
+    assert perplexity(model, tokens, 64, max_windows=4) == pytest.approx(
+        results["ppl"]["text_files"], rel=1e-5)
+    # a partial run with a saved model re-evaluates it without quantizing again
+    data = json.loads((tmp_path / "results.json").read_text())
+    data["status"] = "running"
+    del data["ppl"]
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    monkeypatch.setattr("hbllm.pipeline.quantize_model", no_model)
+    again = app.run(cfg, tmp_path)
+    assert again["ppl"]["text_files"] == pytest.approx(results["ppl"]["text_files"], rel=1e-5)
+
+
+@pytest.mark.parametrize("override", ["calib=c4", "eval.datasets=[ptb]"])
+def test_missing_data_offline_fails_fast(tmp_path, monkeypatch, override):
+    monkeypatch.setattr("hbllm.models.load_model", no_model)
+    cfg = compose(*TINY, override, "data.offline=true")
+    t = time.perf_counter()
+    with pytest.raises(DataUnavailable) as err:
+        app.run(cfg, tmp_path)
+    assert time.perf_counter() - t < 30
+    assert "data.local_dir" in str(err.value) or "offline" in str(err.value)
+
+
+@pytest.mark.parametrize("entry", ["console_script", "module"])
+def test_console_script_writes_a_hydra_run_dir(tmp_path, entry):
+    script = shutil.which("hbllm")
+    if entry == "console_script" and script is None:
+        pytest.skip("the hbllm console script is not installed (pip install -e .)")
+    start = [script] if entry == "console_script" else [sys.executable, "-m", "hbllm.app"]
+    cmd = start + ["model=tiny-opt", "quant=fp16", "logger=disabled",
+                   "eval.datasets=[text_files]", f"data.eval_files={EVAL_FILES}",
+                   "eval.seqlen=64", "eval.max_windows=2", f"hydra.run.dir={tmp_path}"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ppl text_files" in out.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "done" and results["method"] == "fp16"
+    assert (tmp_path / ".hydra" / "config.yaml").exists()
+    bad = subprocess.run(start + ["quant.blocksize=7", f"hydra.run.dir={tmp_path}/b"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "blocksize" in bad.stderr
+
+
+def test_zeroshot_results_are_stored_and_logged(tmp_path, shared_data):
+    cfg = compose(*TINY, "quant=fp16", "eval.datasets=[]", "eval.zeroshot.enabled=true",
+                  "eval.zeroshot.tasks=[openbookqa]", "eval.zeroshot.limit=4",
+                  f"eval.zeroshot.local_dir={shared_data / 'zeroshot'}")
+    results = app.run(cfg, tmp_path)
+    for key in ("zeroshot", "baseline_zeroshot"):
+        assert 0 <= results[key]["openbookqa"]["acc"] <= 1
+        assert results[key]["average"] == pytest.approx(results[key]["openbookqa"]["acc"])
+    got = wandb_logged(tmp_path)
+    assert got["history"] and any("zeroshot/openbookqa/acc" in h for h in got["history"])
+    assert any("baseline_zeroshot/openbookqa/acc" in h for h in got["history"])
