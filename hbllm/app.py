@@ -85,7 +85,7 @@ def _fmt(v) -> str:
 
 def _bos_id(tokenizer) -> int:
     if tokenizer.bos_token_id is None:
-        raise ValueError("eval.bos=true but the tokenizer has no BOS token")
+        raise ValueError("calib.bos/eval.bos=true but the tokenizer has no BOS token")
     return tokenizer.bos_token_id
 
 
@@ -164,6 +164,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
         t0 = time.perf_counter()
         calib = get_calibration(rc.calib, rc.data, tokenizer, rc.calib.seqlen or rc.model.seqlen,
                                 rc.seed)
+        if rc.calib.bos:
+            calib = torch.cat([torch.full_like(calib[:, :1], _bos_id(tokenizer)), calib], dim=1)
         timing["calibration_s"] = time.perf_counter() - t0
         results.update(timing=timing)
 

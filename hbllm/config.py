@@ -117,6 +117,7 @@ class CalibConfig:
     nsamples: int = 128
     seqlen: Optional[int] = None
     files: List[str] = field(default_factory=list)  # for name=text_files
+    bos: bool = False  # prepend BOS to every window (Gemma needs it); GPTQ-standard: false
 
     def __post_init__(self) -> None:
         _choice("calib.name", self.name, CALIB_SETS)
