@@ -4,7 +4,8 @@
     hbllm experiment=demo data.local_dir=../shared/data
 
 Stages, each stored in ``results.json`` as soon as it is known (and skipped on resume): baseline
-perplexity / zero-shot (``eval.baseline``), layer-wise quantization, perplexity, zero-shot.
+perplexity / zero-shot (``eval.baseline``), layer-wise quantization (then ``save_model`` /
+``save_packed`` checkpoints), perplexity, zero-shot. A failure is recorded as ``status: failed``.
 """
 from __future__ import annotations
 
@@ -24,13 +25,16 @@ from .results import Results, config_key
 
 log = logging.getLogger("hbllm")
 
+# the columns of the W&B zero-shot tables (a task without a metric gets an empty cell)
+ZEROSHOT_COLUMNS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "perplexity", "samples")
+
 
 def _run_dir_resolver(*, _root_) -> str:
     """``${hbllm_run_dir:}``: ``<model>/<method>/<calib>-<resume key>`` of the config being
     composed, so an identical config always gets the same run directory."""
     resolved = {k: OmegaConf.to_container(_root_[k], resolve=True)
                 if OmegaConf.is_config(_root_[k]) else _root_[k] for k in _root_ if k != "hydra"}
-    method = QuantConfig(**resolved["quant"]).name
+    method = QuantConfig(**resolved["quant"]).label
     return f"{resolved['model']['name']}/{method}/{resolved['calib']['name']}-{config_key(resolved)}"
 
 
@@ -120,8 +124,8 @@ def _evaluate(model, tokenizer, rc: RunConfig, eval_tokens, device, results: Res
                        for m, v in r.items() if isinstance(v, (int, float))}
             scalars[f"{prefix}zeroshot/average"] = zs["average"]
             tracker.log(scalars)
-            tracker.table(f"{prefix}zeroshot_table", ["task", "acc", "acc_norm"],
-                          [[t, r.get("acc"), r.get("acc_norm")] for t, r in zs.items()
+            tracker.table(f"{prefix}zeroshot_table", ["task", *ZEROSHOT_COLUMNS],
+                          [[t, *(r.get(c) for c in ZEROSHOT_COLUMNS)] for t, r in zs.items()
                            if isinstance(r, dict)])
     finally:
         model.to("cpu")
@@ -131,13 +135,10 @@ def _evaluate(model, tokenizer, rc: RunConfig, eval_tokens, device, results: Res
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
-    """Run one experiment described by the composed ``cfg`` into ``run_dir``; returns results."""
+    """Run one experiment described by the composed ``cfg`` into ``run_dir``; returns results.
+    An exception after results.json exists is recorded there (``status: failed``, ``error``)
+    and re-raised."""
     rc = validate(cfg)  # wrong values fail here, before anything is loaded
-    from .data import get_calibration, get_eval_tokens
-    from .models import load_model, load_tokenizer
-    from .pipeline import quantize_model
-    from .tracking import Tracker
-
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
     key = config_key(resolved)
@@ -148,8 +149,49 @@ def run(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
         return results.data
     if results.resumed:
         log.info("Resuming run %s from %s", key, run_dir)
-    results.update(status="running", model=rc.model.name, method=rc.quant.name, config=resolved)
+    results.data.pop("error", None)
+    results.update(status="running", model=rc.model.name, method=rc.quant.label, config=resolved)
+    try:
+        _stages(rc, resolved, key, results, run_dir)
+    except Exception as exc:
+        _record_failure(results, exc)
+        raise
+    print(format_table(results.data))
+    return results.data
 
+
+def _record_failure(results: Results, exc: Exception) -> None:
+    results.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _check_packable_shapes(model, blocksize: int) -> None:
+    """save_packed: every decoder linear needs in_features divisible by blocksize and an even
+    out_features (docs/packed.md); checked before any quantization work."""
+    from .models import find_layers, find_linears
+
+    prefix, layers = find_layers(model)
+    bad = [f"{prefix}.{i}.{n} ({m.out_features}x{m.in_features})" for i, layer in enumerate(layers)
+           for n, m in find_linears(layer).items()
+           if m.in_features % blocksize or m.out_features % 2]
+    if bad:
+        raise ValueError(f"save_packed=true needs every linear's in_features divisible by "
+                         f"quant.blocksize={blocksize} and an even out_features; not: {bad[:4]}"
+                         f"{' ...' if len(bad) > 4 else ''}")
+
+
+def _stages(rc: RunConfig, resolved: Dict[str, Any], key: str, results: Results,
+            run_dir: Path) -> None:
+    """The stages of :func:`run` not yet stored in ``results``."""
+    from .data import get_calibration, get_eval_tokens
+    from .models import load_model, load_tokenizer
+    from .tracking import Tracker
+
+    zs_todo = rc.eval.zeroshot.enabled and not all(
+        f"{p}zeroshot" in results.data for p in ("", "baseline_")[: 1 + rc.eval.baseline])
+    if zs_todo:  # unknown tasks or missing task data fail here, not after quantizing
+        from .eval.zeroshot import check_tasks
+
+        check_tasks(rc.eval.zeroshot)
     device = pick_device(rc.device)
     tokenizer = load_tokenizer(rc.model)
     seqlen = rc.eval.seqlen or rc.model.seqlen
@@ -157,7 +199,9 @@ def run(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     eval_tokens = {d: get_eval_tokens(d, rc.data, tokenizer, seqlen=seqlen, max_tokens=max_tokens)
                    for d in rc.eval.datasets}
     saved = run_dir / "model"
-    reuse_model = results.resumed and (saved / ".complete").exists()
+    # a saved fake-quantized model cannot be packed: quantize again when the packing is missing
+    reuse_model = (results.resumed and (saved / ".complete").exists()
+                   and (not rc.save_packed or "packed" in results.data))
     timing = results.get("timing", {})
     calib = None
     if rc.quant.method != "none" and not reuse_model:
@@ -173,40 +217,84 @@ def run(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     ok = False
     try:
         model = load_model(rc.model, rc.seed)
+        if rc.save_packed and not reuse_model:
+            _check_packable_shapes(model, rc.quant.blocksize)
         if rc.eval.baseline:
             _evaluate(model, tokenizer, rc, eval_tokens, device, results, tracker, "baseline_")
         if reuse_model:
             log.info("Reusing the quantized model saved in %s", saved)
             model = load_model(ModelConfig(path=str(saved), dtype=rc.model.dtype), rc.seed)
         else:
-            def on_layer(rec: dict) -> None:
-                tracker.log({"layer/index": rec["index"], "layer/loss": rec["loss"],
-                             "layer/time_s": rec["time_s"]})
-                results.update(layers=results.get("layers", [])[: rec["index"]] + [rec])
-
-            stats = quantize_model(model, calib, rc.quant, device, on_layer=on_layer)
-            timing = results.get("timing", {})
-            timing["quantize_s"] = stats.seconds
-            results.update(bits=stats.bits, timing=timing, layers=stats.layers)
-            if rc.save_model:
-                model.save_pretrained(saved)
-                tokenizer.save_pretrained(saved)
-                (saved / ".complete").touch()
+            _quantize(model, tokenizer, calib, rc, device, results, tracker, run_dir)
         _evaluate(model, tokenizer, rc, eval_tokens, device, results, tracker, "")
         results.update(status="done")
-        final = {f"ppl/{d}": v for d, v in results.get("ppl", {}).items()}
-        final.update({f"baseline_ppl/{d}": v for d, v in results.get("baseline_ppl", {}).items()})
-        final.update({f"bits/{k}": v for k, v in results.get("bits", {}).items()})
-        final.update({f"timing/{k}": v for k, v in results.get("timing", {}).items()})
-        tracker.summary(final)
+        tracker.summary(_final_summary(results.data))
         tracker.table("layers", ["index", "linear", "loss", "bits_paper", "bits_full", "time_s"],
                       [[r["index"], n, v["loss"], v["bits_paper"], v["bits_full"], r["time_s"]]
                        for r in results.get("layers", []) for n, v in r["linears"].items()])
         ok = True
+    except Exception as exc:
+        _record_failure(results, exc)  # before the W&B run takes its copy of results.json
+        raise
     finally:
+        tracker.save(results.path, run_dir)
         tracker.finish(exit_code=0 if ok else 1)
-    print(format_table(results.data))
-    return results.data
+
+
+def _quantize(model, tokenizer, calib, rc: RunConfig, device, results: Results, tracker,
+              run_dir: Path) -> None:
+    """Layer-wise quantization into ``results`` (layers, bits, timing); then the saved model
+    (``save_model``) and the packed checkpoint (``save_packed``, results ``packed``)."""
+    from .pipeline import quantize_model
+
+    def on_layer(rec: dict) -> None:
+        tracker.log({"layer/index": rec["index"], "layer/loss": rec["loss"],
+                     "layer/time_s": rec["time_s"]})
+        results.update(layers=results.get("layers", [])[: rec["index"]] + [rec])
+
+    packed: Dict[str, Any] = {}
+    on_linear = None
+    if rc.save_packed:
+        from .packed import compress
+
+        def on_linear(name: str, res) -> None:  # packed right away: ~3.9 bits/weight in memory
+            packed[name] = compress(res.codes, *res.weight.shape, rc.quant)
+
+    stats = quantize_model(model, calib, rc.quant, device, on_layer=on_layer,
+                           on_linear=on_linear, return_codes=rc.save_packed)
+    timing = results.get("timing", {})
+    timing["quantize_s"] = stats.seconds
+    results.update(bits=stats.bits, timing=timing, layers=stats.layers)
+    if rc.save_model:
+        saved = run_dir / "model"
+        model.save_pretrained(saved)
+        tokenizer.save_pretrained(saved)
+        (saved / ".complete").touch()
+    if rc.save_packed:
+        from .packed import pack
+
+        report = pack(model, run_dir / "packed", codes=packed, quant=rc.quant)
+        log.info("packed checkpoint in %s: %.4f bits/weight", run_dir / "packed",
+                 report["bits_per_weight"])
+        results.update(packed={"dir": "packed", **report})
+
+
+def _final_summary(results: Dict[str, Any]) -> Dict[str, float]:
+    """The W&B run summary: perplexities, bits, timings, zero-shot averages and the retained
+    accuracy ``zeroshot/average / baseline_zeroshot/average``, packed size."""
+    final = {f"ppl/{d}": v for d, v in results.get("ppl", {}).items()}
+    final.update({f"baseline_ppl/{d}": v for d, v in results.get("baseline_ppl", {}).items()})
+    final.update({f"bits/{k}": v for k, v in results.get("bits", {}).items()})
+    final.update({f"timing/{k}": v for k, v in results.get("timing", {}).items()})
+    for prefix in ("", "baseline_"):
+        if f"{prefix}zeroshot" in results:
+            final[f"{prefix}zeroshot/average"] = results[f"{prefix}zeroshot"]["average"]
+    base = final.get("baseline_zeroshot/average")
+    if "zeroshot/average" in final and base:
+        final["zeroshot/retained"] = final["zeroshot/average"] / base
+    if "packed" in results:
+        final["packed/bits_per_weight"] = results["packed"]["bits_per_weight"]
+    return final
 
 
 # conf/ sits at the repository root (the package is installed editable); an absolute path works

@@ -57,7 +57,7 @@ class QuantConfig:
     percdamp: float = 0.01
     haar_inverse: str = "exact"
     disable_gptq: bool = False
-    name: str = ""  # display name for run names and reports; derived when empty
+    name: str = ""  # display name for run names and reports; empty: see :attr:`label`
 
     def __post_init__(self) -> None:
         _choice("quant.method", self.method, METHODS)
@@ -74,8 +74,12 @@ class QuantConfig:
             raise ValueError(f"quant.up_lim={self.up_lim!r} must be an integer >= 2")
         if not 0.0 <= float(self.percdamp) < 1.0:
             raise ValueError(f"quant.percdamp={self.percdamp!r} must be in [0, 1)")
-        if not self.name:
-            self.name = self.default_name()
+
+    @property
+    def label(self) -> str:
+        """The display name: ``name`` when given, else derived from the method (fp16, sign,
+        billm, hbllm_row, hbllm_col_shared ...)."""
+        return self.name or self.default_name()
 
     def default_name(self) -> str:
         if self.method == "none":
@@ -215,6 +219,26 @@ class RunConfig:
     save_packed: bool = False
     resume: bool = True
     name: Optional[str] = None  # run name; default derived from model and method
+
+    def __post_init__(self) -> None:
+        if self.save_packed:
+            check_packable(self.quant)
+
+
+PACKABLE_METHODS = ("hbllm",)
+PACKED_BLOCK_MULTIPLE = 64
+
+
+def check_packable(quant: QuantConfig) -> None:
+    """Raise ValueError when ``save_packed=true`` cannot work with ``quant`` (docs/packed.md:
+    HBLLM codes only, blocksize a multiple of 64)."""
+    if quant.method not in PACKABLE_METHODS:
+        raise ValueError(f"save_packed=true needs quant.method=hbllm (the packed format stores "
+                         f"Haar-binarized codes); quant.method={quant.method!r} cannot be packed: "
+                         "use save_model=true for a fake-quantized checkpoint")
+    if quant.blocksize % PACKED_BLOCK_MULTIPLE:
+        raise ValueError(f"save_packed=true needs quant.blocksize a multiple of "
+                         f"{PACKED_BLOCK_MULTIPLE}; got {quant.blocksize}")
 
 
 def validate(cfg) -> RunConfig:

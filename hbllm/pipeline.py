@@ -157,11 +157,15 @@ class QuantizeStats:
 def quantize_model(model: nn.Module, tokens: torch.Tensor, quant: QuantConfig,
                    device: torch.device,
                    on_layer: Optional[Callable[[dict], None]] = None,
-                   only: Optional[Sequence[int]] = None) -> QuantizeStats:
+                   only: Optional[Sequence[int]] = None,
+                   on_linear: Optional[Callable[[str, object], None]] = None,
+                   return_codes: bool = False) -> QuantizeStats:
     """Quantize every linear of every decoder layer of ``model`` (on CPU) in place, calibrating
     on ``tokens`` (nsamples, seqlen). ``on_layer`` is called with each finished layer record
     ``{"index", "loss", "time_s", "linears": {name: {"loss", "bits_paper", "bits_full"}}}``.
     ``only``: indices of the layers to quantize (default all; quick experiments and tests).
+    ``on_linear(name, res)`` is called after each linear with its full module name in ``model``
+    and its :class:`hbllm.QuantResult` (``res.codes`` filled when ``return_codes``).
     With ``quant.method == "none"`` nothing is touched."""
     from . import quantize_weight
 
@@ -171,12 +175,12 @@ def quantize_model(model: nn.Module, tokens: torch.Tensor, quant: QuantConfig,
         bits = float(next(find_layers(model)[1].parameters()).element_size() * 8)
         stats.bits = {"paper": bits, "full": bits}
         return stats
-    _, layers = find_layers(model)
+    prefix, layers = find_layers(model)
     selected = set(range(len(layers)) if only is None else only)
     inputs = capture_inputs(model, tokens, device)
     hidden = inputs.hidden
     total = {"paper": 0.0, "full": 0.0, "numel": 0}
-    bar = tqdm(range(max(selected) + 1), desc=f"quantize {quant.name}", unit="layer")
+    bar = tqdm(range(max(selected) + 1), desc=f"quantize {quant.label}", unit="layer")
     for i in bar:
         t0 = time.perf_counter()
         layer = layers[i].to(device)
@@ -188,8 +192,11 @@ def quantize_model(model: nn.Module, tokens: torch.Tensor, quant: QuantConfig,
         hessians = layer_hessians(layer, hidden, kwargs, device)
         record = {"index": i, "loss": 0.0, "time_s": 0.0, "linears": {}}
         for name, lin in find_linears(layer).items():
-            res = quantize_weight(lin.weight.data, hessians.pop(name), quant)
+            res = quantize_weight(lin.weight.data, hessians.pop(name), quant,
+                                  return_codes=return_codes)
             lin.weight.data.copy_(res.weight)
+            if on_linear is not None:
+                on_linear(f"{prefix}.{i}.{name}", res)
             record["linears"][name] = {"loss": float(res.loss), "bits_paper": res.bits["paper"],
                                        "bits_full": res.bits["full"]}
             record["loss"] += float(res.loss)

@@ -105,10 +105,12 @@ def find_runs(dirs: Sequence[Path], wandb_dirs: Sequence[Path] = ()) -> List[Run
     for root in map(Path, wandb_dirs):
         if not root.is_dir():
             raise SystemExit(f"{root}: no such directory")
-        for res in sorted(root.rglob(f"files/{RESULTS}")):
+        latest: Dict[str, Run] = {}  # a resumed run has one W&B run per attempt: keep the last
+        for res in sorted(root.rglob(f"files/{RESULTS}")):  # offline-run-<date>_<time>-...: in order
             results = _read_json(res)
             group = (results.get("config") or {}).get("logger", {}).get("group") or "wandb"
-            runs.append(Run(res.parent.parent, f"wandb:{group}", results))
+            latest[results.get("key") or str(res)] = Run(res.parent.parent, f"wandb:{group}", results)
+        runs.extend(latest.values())
     return runs
 
 

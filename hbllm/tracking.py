@@ -46,9 +46,9 @@ def effective_mode(mode: str) -> str:
 
 def run_identity(cfg: RunConfig) -> Dict[str, Any]:
     """W&B run name, group and tags derived from model, method and calibration set."""
-    name = cfg.name or f"{cfg.model.name}-{cfg.quant.name}-{cfg.calib.name}"
-    group = cfg.logger.group or f"{cfg.model.name}-{cfg.quant.name}"
-    tags = [cfg.model.name, cfg.quant.method, cfg.quant.name, f"calib-{cfg.calib.name}",
+    name = cfg.name or f"{cfg.model.name}-{cfg.quant.label}-{cfg.calib.name}"
+    group = cfg.logger.group or f"{cfg.model.name}-{cfg.quant.label}"
+    tags = [cfg.model.name, cfg.quant.method, cfg.quant.label, f"calib-{cfg.calib.name}",
             *cfg.logger.tags]
     return {"name": name, "group": group, "tags": list(dict.fromkeys(tags))}
 
@@ -68,7 +68,9 @@ class Tracker:
         self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity,
                               config=resolved, dir=str(wdir), mode=self.mode,
                               id=f"{key}-{os.getpid()}", reinit="finish_previous",
-                              **run_identity(cfg))
+                              # saved files are snapshots (hard link or copy), not symlinks to
+                              # files the run dir rewrites later (results.json of a resumed run)
+                              settings=wandb.Settings(symlink=False), **run_identity(cfg))
 
     def log(self, metrics: Dict[str, Any]) -> None:
         if self.run is not None:
@@ -83,6 +85,12 @@ class Tracker:
     def summary(self, metrics: Dict[str, Any]) -> None:
         if self.run is not None:
             self.run.summary.update(metrics)
+
+    def save(self, path: Path, base: Path) -> None:
+        """Store ``path`` (under ``base``) in the run's files; call it once the file is final
+        (offline runs keep it as ``files/<path relative to base>``, uploaded by ``wandb sync``)."""
+        if self.run is not None and Path(path).exists():
+            self.run.save(str(path), base_path=str(base), policy="end")
 
     def finish(self, exit_code: Optional[int] = None) -> None:
         if self.run is not None:

@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, compose, wandb_logged
 from hbllm import app
 from hbllm.data import DataUnavailable
+from hbllm.report import find_runs
 
 # Text for the tiny runs: this package's own sources (always there, ~100k byte tokens; the
 # calibration and evaluation text are different files).
@@ -63,6 +64,100 @@ def test_run_writes_results_and_logs(first_run):
     assert any(h.get("layers/nrows") == 14 for h in got["history"])
     assert got["config"]["calib"]["nsamples"] == 4
     assert got["run"].run_group == "tiny-llama-sign"
+    assert not any(k.startswith(("zeroshot", "baseline_zeroshot")) for k in got["summary"])
+    # the final results.json travels with the W&B run (hbllm-report --wandb reads it)
+    saved = [p for p in run_dir.rglob("files/results.json") if "wandb" in p.parts]
+    assert len(saved) == 1 and json.loads(saved[0].read_text()) == stored
+
+
+def test_failure_is_recorded_in_results_then_cleared_by_a_rerun(tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("boom at layer 0")
+
+    monkeypatch.setattr("hbllm.pipeline.quantize_model", broken)
+    cfg = compose(*TINY, "eval.baseline=false")
+    with pytest.raises(RuntimeError, match="boom"):
+        app.run(cfg, tmp_path)
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["status"] == "failed" and stored["error"] == "RuntimeError: boom at layer 0"
+    assert "ppl" not in stored and stored["method"] == "sign"
+    got = wandb_logged(tmp_path)  # the failed W&B run also carries the results
+    assert got["run"] is not None
+    assert [json.loads(p.read_text())["status"] for p in tmp_path.rglob("files/results.json")] == \
+        ["failed"]
+    monkeypatch.undo()
+    again = app.run(cfg, tmp_path)
+    assert again["status"] == "done" and "error" not in again
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(again))
+    # each W&B run keeps the results as they were when it ended; the report takes the last
+    wandb_logged(tmp_path)
+    snapshots = sorted(tmp_path.rglob("files/results.json"))
+    assert [json.loads(p.read_text())["status"] for p in snapshots] == ["failed", "done"]
+    runs = find_runs([], [tmp_path / "wandb"])
+    assert len(runs) == 1 and runs[0].results["status"] == "done"
+
+
+def test_zeroshot_task_data_is_checked_before_the_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr("hbllm.models.load_model", no_model)
+    monkeypatch.setattr("hbllm.models.load_tokenizer", no_model)
+    cfg = compose(*TINY, "eval.zeroshot.enabled=true", "eval.zeroshot.tasks=[boolq]",
+                  "eval.zeroshot.local_dir=null")
+    t = time.perf_counter()
+    with pytest.raises(RuntimeError, match="eval.zeroshot.local_dir"):
+        app.run(cfg, tmp_path)
+    assert time.perf_counter() - t < 60
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["status"] == "failed" and "boolq" in stored["error"]
+
+
+@pytest.mark.parametrize("override", ["quant=sign", "quant=billm", "quant=fp16"])
+def test_save_packed_with_an_unpackable_method_fails_before_loading(tmp_path, monkeypatch,
+                                                                    override):
+    monkeypatch.setattr("hbllm.models.load_model", no_model)
+    monkeypatch.setattr("hbllm.models.load_tokenizer", no_model)
+    with pytest.raises(ValueError, match="save_packed=true needs quant.method=hbllm"):
+        app.run(compose(*TINY, override, "save_packed=true"), tmp_path)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_save_packed_checks_shapes_before_quantizing(tmp_path, monkeypatch):
+    monkeypatch.setattr("hbllm.pipeline.quantize_model", no_model)
+    # tiny-llama's hidden size is 64: blocksize 128 does not divide in_features
+    with pytest.raises(ValueError, match="in_features divisible by quant.blocksize=128"):
+        app.run(compose(*TINY, "quant=hbllm_row", "save_packed=true"), tmp_path)
+
+
+def test_save_packed_writes_a_loadable_packed_checkpoint(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hbllm
+
+    cfg = compose(*TINY, "quant=hbllm_row", "quant.blocksize=64", "save_packed=true",
+                  "save_model=true", "eval.baseline=false")
+    results = app.run(cfg, tmp_path)
+    packed = results["packed"]
+    assert packed["dir"] == "packed" and packed["linears"] == 14
+    assert packed["bits_per_weight"] == pytest.approx(results["bits"]["full"], rel=0.01)
+    assert json.loads((tmp_path / "results.json").read_text())["packed"] == packed
+    manifest = json.loads((tmp_path / "packed" / "manifest.json").read_text())
+    assert manifest["method"] == "hbllm_row" and len(manifest["linears"]) == 14
+    assert all(name.startswith("model.layers.") for name in manifest["linears"])
+
+    fake = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    model = hbllm.load_packed(tmp_path / "packed")
+    assert sum(isinstance(m, hbllm.packed.PackedLinear) for m in model.modules()) == 14
+    assert packed["weights"] == sum(m.weight.numel() for m in fake.model.layers.modules()
+                                    if isinstance(m, torch.nn.Linear))
+    x = torch.randint(0, 257, (2, 48), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, got = fake(x).logits, model(x).logits
+    # equal up to the fp16 statistics of the packed format (as in tests/test_packed_model.py)
+    assert ((got - want).norm() / want.norm()).item() < 2e-3
+    assert (got - want).abs().max().item() < 1e-3
+    got_wandb = wandb_logged(tmp_path)
+    assert got_wandb["summary"]["packed/bits_per_weight"] == pytest.approx(
+        packed["bits_per_weight"])
 
 
 def test_rerun_of_a_finished_run_does_nothing(first_run, monkeypatch):

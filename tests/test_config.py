@@ -40,14 +40,33 @@ def test_every_experiment_composes(experiment):
 
 
 def test_quant_names_derive_from_the_method():
-    names = {q: validate(compose(f"quant={q}")).quant.name for q in options("quant")}
+    names = {q: validate(compose(f"quant={q}")).quant.label for q in options("quant")}
     assert names == {q: q for q in options("quant")}
-    assert validate(compose("quant=hbllm_row", "quant.layout=col")).quant.name == "hbllm_col"
+    assert validate(compose("quant=hbllm_row", "quant.layout=col")).quant.label == "hbllm_col"
+
+
+def test_quant_name_is_kept_as_given():
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.structured(RunConfig).quant.name == ""  # the schema stores no derived name
+    assert validate(compose("quant=hbllm_row")).quant.name == ""
+    named = validate(compose("quant=hbllm_col", "quant.name=mine")).quant
+    assert (named.name, named.label) == ("mine", "mine")
+
+
+@pytest.mark.parametrize("override,message", [("quant=billm", "quant.method=hbllm"),
+                                              ("quant=sign", "quant.method=hbllm"),
+                                              ("quant=fp16", "quant.method=hbllm"),
+                                              ("quant.blocksize=96", "multiple of 64")])
+def test_save_packed_rejects_unpackable_quant(override, message):
+    with pytest.raises(ValueError, match=message):
+        validate(compose("save_packed=true", override))
+    assert validate(compose("save_packed=false", override)).save_packed is False
 
 
 def test_default_is_gemma_hbllm_row():
     cfg = validate(compose())
-    assert (cfg.model.name, cfg.quant.name, cfg.quant.method) == ("gemma3-270m", "hbllm_row",
+    assert (cfg.model.name, cfg.quant.label, cfg.quant.method) == ("gemma3-270m", "hbllm_row",
                                                                   "hbllm")
 
 

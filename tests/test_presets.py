@@ -73,7 +73,7 @@ def test_preset_expands_to_valid_jobs(preset):
         rc = _validate(cfg)
         assert rc.model.name == "tiny-llama"
         if key == "quant":
-            assert rc.quant.name == value  # the run's display name is the method's
+            assert rc.quant.label == value  # the run's display name is the method's
         elif key == "calib":
             assert rc.calib.name == value
             assert f"calib={value}" in cfg.logger.tags
@@ -94,7 +94,7 @@ def test_method_comparison_names_and_layouts():
     got = {}
     for job in expand("methods", ["model=tiny-opt"]):
         rc = _validate(_compose(job))
-        got[rc.quant.name] = (rc.quant.method, rc.quant.layout)
+        got[rc.quant.label] = (rc.quant.method, rc.quant.layout)
     assert got == {"fp16": ("none", "row"), "sign": ("sign", "row"), "billm": ("billm", "row"),
                    "hbllm_row": ("hbllm", "row"), "hbllm_col": ("hbllm", "col")}
 

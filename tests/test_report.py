@@ -149,7 +149,7 @@ def test_wandb_offline_runs(synthetic, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
     sweep = tmp_path_factory.mktemp("tiny") / "sweep"
-    proc = run_tiny_sweep(sweep)
+    proc = run_tiny_sweep(sweep, "logger.mode=offline")  # W&B run files beside each run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return sweep
 
@@ -157,6 +157,8 @@ def tiny_sweep(tmp_path_factory):
 def test_report_on_two_real_tiny_runs(tiny_sweep, tmp_path):
     results = {}
     for path in tiny_sweep.rglob("results.json"):
+        if "wandb" in path.parts:
+            continue  # the W&B runs' copies (test_report_on_real_offline_wandb_runs)
         ov = yaml.safe_load((path.parent / ".hydra" / "overrides.yaml").read_text())
         value = next(o.split("=")[1] for o in ov if o.startswith("quant.shared_mean="))
         results[value] = json.loads(path.read_text())
@@ -179,3 +181,20 @@ def test_report_on_two_real_tiny_runs(tiny_sweep, tmp_path):
         assert row["bits_full"] == res["bits"]["full"]
     pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) == 2 and all(p.read_bytes()[:8] == PNG and p.stat().st_size > 10_000 for p in pngs)
+
+
+def test_report_on_real_offline_wandb_runs(tiny_sweep, tmp_path):
+    """--wandb finds the results.json each real offline W&B run of the app carries."""
+    plain = {}
+    for path in tiny_sweep.rglob("results.json"):
+        if "wandb" not in path.parts:
+            res = json.loads(path.read_text())
+            plain[res["key"]] = res
+    copies = list(tiny_sweep.rglob("files/results.json"))
+    assert len(copies) == 2 and all("wandb" in p.parts for p in copies)
+    table = build_report([], tmp_path, [tiny_sweep])
+    assert len(table) == 2
+    got = {json.loads(p.read_text())["key"]: json.loads(p.read_text()) for p in copies}
+    assert got == plain
+    assert sorted(table["ppl_wikitext2"]) == sorted(r["ppl"]["wikitext2"] for r in plain.values())
+    assert set(table["status"]) == {"done"}

@@ -16,7 +16,11 @@ def test_offline_run_files_hold_the_logged_metrics(tmp_path):
     tracker.log({"ppl/wikitext2": 12.25})
     tracker.table("layers", ["index", "loss"], [[0, 1.5], [1, 2.5]])
     tracker.summary({"bits/paper": 1.08})
+    (tmp_path / "results.json").write_text('{"status": "done"}')
+    tracker.save(tmp_path / "results.json", tmp_path)
     tracker.finish()
+    (tmp_path / "results.json.new").write_text('{"status": "running"}')
+    (tmp_path / "results.json.new").replace(tmp_path / "results.json")  # as Results.write does
 
     got = wandb_logged(tmp_path)
     rows = [h for h in got["history"] if "layer/loss" in h]
@@ -29,6 +33,9 @@ def test_offline_run_files_hold_the_logged_metrics(tmp_path):
     assert run.display_name == "tiny-llama-hbllm_col-c4"
     assert run.run_group == "tiny-llama-hbllm_col"
     assert set(run.tags) == {"tiny-llama", "hbllm", "hbllm_col", "calib-c4", "abl"}
+    # the saved file is the W&B run's own copy, as it was when the run ended
+    [saved] = tmp_path.rglob("offline-run-*/files/results.json")
+    assert saved.read_text() == '{"status": "done"}'
 
 
 def test_disabled_writes_nothing(tmp_path):
@@ -58,3 +65,9 @@ def test_identity_from_model_and_method(group, name):
     ident = run_identity(validate(compose(*ov)))
     assert ident["name"] == (name or "tiny-opt-billm-wiki_sample")
     assert ident["group"] == (group or "tiny-opt-billm")
+
+
+def test_identity_uses_an_explicit_quant_name():
+    ident = run_identity(validate(compose("model=tiny-llama", "quant=hbllm_row", "quant.name=v2")))
+    assert ident["name"] == "tiny-llama-v2-c4" and ident["group"] == "tiny-llama-v2"
+    assert {"hbllm", "v2"} <= set(ident["tags"])

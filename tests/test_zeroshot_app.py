@@ -39,5 +39,25 @@ def test_app_records_quantized_and_baseline_zeroshot(tmp_path, capsys):
         assert logged[f"{section}/lambada_openai/perplexity"] == \
             pytest.approx(stored[section]["lambada_openai"]["perplexity"])
         assert logged[f"{section}_table/nrows"] == len(TASKS)
+    got = wandb_logged(tmp_path)
+    summary = got["summary"]
+    for section in ("zeroshot", "baseline_zeroshot"):
+        assert summary[f"{section}/average"] == pytest.approx(stored[section]["average"])
+    assert summary["zeroshot/retained"] == pytest.approx(
+        stored["zeroshot"]["average"] / stored["baseline_zeroshot"]["average"])
+    columns = ["task", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "perplexity", "samples"]
+    for section in ("zeroshot", "baseline_zeroshot"):
+        [table] = [json.loads(p.read_text()) for p in tmp_path.rglob(f"{section}_table_*.table.json")]
+        assert table["columns"] == columns
+        rows = {r[0]: dict(zip(columns, r)) for r in table["data"]}
+        assert set(rows) == set(TASKS)
+        for task in TASKS:
+            want = stored[section][task]
+            assert rows[task]["samples"] == want["samples"] > 0
+            for c in columns[1:6]:
+                assert rows[task][c] == (pytest.approx(want[c]) if c in want else None), (task, c)
+        assert rows["lambada_openai"]["perplexity"] > 1 and rows["piqa"]["acc_norm"] is not None
+    [saved] = [p for p in tmp_path.rglob("files/results.json") if "wandb" in p.parts]
+    assert json.loads(saved.read_text()) == stored
     printed = capsys.readouterr().out
     assert "winogrande" in printed and f"{stored['zeroshot']['average']:.4f}" in printed

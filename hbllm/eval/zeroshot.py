@@ -21,7 +21,8 @@ import tempfile
 import threading
 import urllib.error
 import urllib.request
-from typing import Dict, List, Optional
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional
 
 from hbllm.config import ZeroShotConfig
 from hbllm.tasks import local
@@ -47,8 +48,32 @@ def run_zeroshot(model, tokenizer, cfg: ZeroShotConfig, device=None) -> dict:
 def evaluate_lm(lm, cfg: ZeroShotConfig) -> dict:
     """Run ``cfg.tasks`` on an lm-eval ``LM`` object; print and return the summary."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
+
+    with _task_manager(cfg) as manager:
+        out = simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
+                              limit=cfg.limit, task_manager=manager, log_samples=False,
+                              bootstrap_iters=cfg.bootstrap_iters)
+    print(make_table(out))
+    summary = summarize(out)
+    print(f"zero-shot average ({len(summary) - 1} tasks): {summary['average']:.4f}")
+    return summary
+
+
+def check_tasks(cfg: ZeroShotConfig) -> None:
+    """Fail fast, before any model is loaded, when a task of ``cfg.tasks`` is unknown to lm-eval
+    or its data is neither in ``cfg.local_dir`` nor reachable (hub online, or the HF cache when
+    offline). Takes ~10 s (lm-eval indexes its task registry)."""
+    with _task_manager(cfg):
+        pass
+
+
+@contextmanager
+def _task_manager(cfg: ZeroShotConfig) -> Iterator[Any]:
+    """An lm-eval ``TaskManager`` knowing every task of ``cfg.tasks``, local mirrors written as
+    task YAMLs into a temporary directory that lives as long as the context; raises when a task
+    is unknown or its data cannot be had."""
+    from lm_eval.tasks import TaskManager
 
     tasks = list(cfg.tasks)
     if not tasks:
@@ -65,13 +90,7 @@ def evaluate_lm(lm, cfg: ZeroShotConfig) -> dict:
         if unknown:
             raise ValueError(f"eval.zeroshot.tasks: unknown lm-eval task(s) {unknown}")
         _check_hub_cache([t for t in tasks if t not in written], manager, cfg.local_dir)
-        out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                              task_manager=manager, log_samples=False,
-                              bootstrap_iters=cfg.bootstrap_iters)
-    print(make_table(out))
-    summary = summarize(out)
-    print(f"zero-shot average ({len(summary) - 1} tasks): {summary['average']:.4f}")
-    return summary
+        yield manager
 
 
 def summarize(out: dict) -> dict:

@@ -105,7 +105,7 @@ def pack(model: nn.Module, directory: Union[str, Path], codes: Optional[Mapping[
               "bits_per_weight": 8.0 * linear_bytes / weights, "rest_bytes": tensor_bytes(rest),
               "file_bytes": (directory / LINEARS).stat().st_size + (directory / REST).stat().st_size}
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-                "method": getattr(quant, "name", None) or "hbllm",
+                "method": getattr(quant, "label", None) or "hbllm",
                 "quant": _quant_dict(quant), "linears": metas, "aliases": aliases, "size": report}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return report
