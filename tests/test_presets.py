@@ -27,6 +27,8 @@ PRESETS = {
     "ablation_blocksize": ("quant.blocksize", [64, 128, 256]),
     "ablation_calib": ("calib", ["c4", "wikitext2", "ptb"]),
     "methods": ("quant", ["fp16", "sign", "billm", "hbllm_row", "hbllm_col"]),
+    "gemma3_study": ("quant", ["fp16", "hbllm_row", "billm", "sign", "hbllm_col",
+                               "hbllm_row_shared", "hbllm_col_shared"]),
 }
 
 

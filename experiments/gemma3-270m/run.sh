@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The Gemma-3-270M study (RESULTS.md), exactly as run: from the repository root,
+#   bash experiments/gemma3-270m/run.sh
+# on 2 shared CPU cores (nice'd). Every command is a Hydra sweep that resumes: rerunning this
+# script skips finished runs (results.json "status": "done") and continues unfinished ones.
+# Wall times of each step go to experiments/gemma3-270m/times.log.
+set -u
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+LOG=experiments/gemma3-270m/times.log
+DATA=../shared/data
+
+# The setting of conf/experiment/gemma3_study.yaml, for the ablation presets (which set only quant).
+SETTING=(model=gemma3-270m calib=wiki_sample calib.bos=true calib.nsamples=32 calib.seqlen=256
+  "eval.datasets=[wikitext2,ptb,wiki_sample]" eval.seqlen=512 eval.max_windows=8 eval.bos=true
+  data.local_dir=$DATA data.offline=true logger=offline)
+
+step() {  # step NAME CMD...: run CMD, append its wall time to $LOG
+  local name=$1; shift
+  local t0=$(date +%s)
+  echo "== $(date -u +%H:%M:%S) start $name: $*" | tee -a "$LOG"
+  nice -n 10 "$@"
+  local rc=$?
+  echo "== $(date -u +%H:%M:%S) end $name: rc=$rc wall=$(( $(date +%s) - t0 ))s" | tee -a "$LOG"
+}
+
+# 1. Main comparison, the cheapest and most informative methods first. (In the session of
+#    RESULTS.md, billm and sign were run by hand alongside this step, each as
+#    `OMP_NUM_THREADS=1 nice -n 10 hbllm -m experiment=gemma3_study data.local_dir=$DATA quant=billm`
+#    (resp. quant=sign), into the same sweep directory; this step then skips them as done.)
+step methods-core hbllm -m experiment=gemma3_study data.local_dir=$DATA \
+  quant=fp16,hbllm_row,billm,sign,hbllm_col
+# 2. Ablations of hbllm_row. Only the non-default value is run: the default (l2, row) is
+#    exactly the hbllm_row run of step 1 (same resolved config), compared in RESULTS.md.
+step ablation-salient hbllm -m experiment=ablation_salient "${SETTING[@]}" quant.salient_metric=l1
+step ablation-grouping hbllm -m experiment=ablation_grouping "${SETTING[@]}" quant.partition=global
+# 3. The shared-mean variants (the preset's full list; the 5 runs of step 1 are skipped).
+step methods-shared hbllm -m experiment=gemma3_study data.local_dir=$DATA
+# 4. Zero-shot on the one local task (openbookqa, 100 questions): fp16, billm, hbllm_row.
+if [ "${ZEROSHOT:-0}" = 1 ]; then
+  step zeroshot hbllm -m experiment=gemma3_study data.local_dir=$DATA quant=fp16,billm,hbllm_row \
+    hydra.job.name=gemma3_zeroshot eval.zeroshot.enabled=true "eval.zeroshot.tasks=[openbookqa]" \
+    eval.zeroshot.local_dir=$DATA/zeroshot eval.zeroshot.limit=100
+fi
+# 5. The report (tables, CSV, plots).
+hbllm-report multirun/gemma3_study/gemma3-270m multirun/ablation_salient/gemma3-270m \
+  multirun/ablation_grouping/gemma3-270m -o experiments/gemma3-270m/report
