@@ -1,10 +1,11 @@
-"""Triton path of PackedLinear vs the dequantized-weight matmul (runs only on a CUDA machine)."""
+"""CUDA paths of PackedLinear (NVRTC GEMV, Triton) vs the dequantized-weight matmul (CUDA only)."""
 import pytest
 import torch
 
 from hbllm.packed.codes import dequantize
 from hbllm.packed.format import linear_meta, pack_linear
-from hbllm.packed.module import PackedLinear, triton_kernels
+from hbllm.packed import cuda_gemv
+from hbllm.packed.module import GEMV_MAX_TOKENS, PackedLinear, triton_kernels
 from hbllm.packed.synthetic import random_codes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or triton_kernels is None,
@@ -24,13 +25,37 @@ def test_triton_matches_dequantized(layout, shared, inverse, batch, dtype):
     mod = PackedLinear(pack_linear(codes), linear_meta(codes), bias).cuda()
     x = torch.randn(batch, 512, device="cuda").to(dtype)
     ref = x.double() @ dequantize(codes).double().cuda().T + bias.double().cuda()
-    y = mod(x)
-    assert y.dtype == dtype and torch.isfinite(y).all()
     tol = 4e-3 if dtype == torch.float16 else 1.6e-2
-    assert ((y.double() - ref).norm() / ref.norm()).item() < tol
+    for gemv in ("cuda", "triton"):  # the few-token kernels; both fall through to tiles beyond
+        mod.gemv = gemv
+        y = mod(x)
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        assert ((y.double() - ref).norm() / ref.norm()).item() < tol, gemv
     mod.use_triton = False
     y_torch = mod(x)
     assert ((y_torch.double() - ref).norm() / ref.norm()).item() < tol
+
+
+def test_cuda_gemv_compiles_and_is_used(monkeypatch):
+    assert cuda_gemv.available()
+    codes = random_codes("row", 64, 256, seed=3)
+    mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
+    calls = []
+    monkeypatch.setattr(cuda_gemv, "gemv", lambda x, *a: calls.append(1) or torch.zeros(x.shape[0], 64, device="cuda"))
+    mod(torch.randn(GEMV_MAX_TOKENS, 256, device="cuda", dtype=torch.float16))
+    assert calls
+    calls.clear()
+    mod(torch.randn(GEMV_MAX_TOKENS + 1, 256, device="cuda", dtype=torch.float16))
+    assert not calls
+
+
+def test_cuda_gemv_large_shapes_chunk_tokens():
+    """C = 11008 (LLaMA down_proj): 4 tokens do not fit one block's shared memory at once."""
+    codes = random_codes("row", 128, 11008, seed=5)
+    mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
+    x = torch.randn(4, codes.cols, device="cuda", dtype=torch.float16)
+    ref = x.double() @ dequantize(codes).double().cuda().T
+    assert ((mod(x).double() - ref).norm() / ref.norm()).item() < 4e-3
 
 
 def test_triton_3d_input_and_odd_rows_tile():
@@ -38,7 +63,9 @@ def test_triton_3d_input_and_odd_rows_tile():
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
     x = torch.randn(2, 3, 256, device="cuda", dtype=torch.float16)
     ref = x.double() @ dequantize(codes).double().cuda().T
-    for n in (1, 3):
-        y = mod(x[:, :n])
-        r = ref[:, :n]
-        assert ((y.double() - r).norm() / r.norm()).item() < 4e-3
+    for gemv in ("cuda", "triton"):
+        mod.gemv = gemv
+        for n in (1, 3):
+            y = mod(x[:, :n])
+            r = ref[:, :n]
+            assert ((y.double() - r).norm() / r.norm()).item() < 4e-3, gemv

@@ -1,9 +1,11 @@
 """``PackedLinear``: a drop-in ``nn.Linear`` replacement that computes from packed codes.
 
-On CUDA with Triton it runs :mod:`hbllm.packed.triton_kernels` (row layout: one fused launch,
-a GEMV for up to ``GEMV_MAX_TOKENS`` tokens, ``tl.dot`` tiles beyond; col layout: two ``tl.dot``
-band launches plus torch glue); elsewhere the plain torch band path of
-:mod:`hbllm.packed.runtime`. Neither keeps a full-precision copy of the weight.
+On CUDA, up to ``GEMV_MAX_TOKENS`` fp16/bf16 tokens (decoding) run the NVRTC-compiled GEMV of
+:mod:`hbllm.packed.cuda_gemv` (both layouts, one launch); more tokens run
+:mod:`hbllm.packed.triton_kernels` (row layout: one fused ``tl.dot`` launch; col layout: two
+``tl.dot`` band launches plus torch glue), which also serves few tokens where NVRTC is missing.
+Elsewhere the plain torch band path of :mod:`hbllm.packed.runtime`. None keeps a
+full-precision copy of the weight.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from ..quant.haar import INVERSE
+from . import cuda_gemv
 from .runtime import build_runtime, pair_output, salient_input, torch_forward
 
 try:  # Triton exists only where CUDA does; the CPU path never needs it.
@@ -43,6 +46,7 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(device),
                                                            requires_grad=False)
         self.use_triton = True  # set False to force the torch path on CUDA (tests, benchmarks)
+        self.gemv = "cuda"  # few-token kernel on CUDA: "cuda" (NVRTC) or "triton"
 
     def extra_repr(self) -> str:
         m = self.meta
@@ -68,6 +72,10 @@ class PackedLinear(nn.Module):
     def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
         m, rt = self.meta, self.runtime()
         c = INVERSE[m["inverse"]]
+        if (self.gemv == "cuda" and x.shape[0] <= GEMV_MAX_TOKENS
+                and x.dtype in (torch.float16, torch.bfloat16) and cuda_gemv.available()
+                and cuda_gemv.fits(m["cols"], rt["sal_wgrp"].numel(), x.device)):
+            return cuda_gemv.gemv(x, rt, m, c)
         if m["layout"] == "row":
             kernel = triton_kernels.row_gemv if x.shape[0] <= GEMV_MAX_TOKENS else triton_kernels.row_mm
             return kernel(x, rt, m, c)
