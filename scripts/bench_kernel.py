@@ -21,7 +21,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 import hbllm
 from hbllm.config import QuantConfig
-from hbllm.packed import cuda_gemv, triton_kernels
+from hbllm.packed import cuda_gemv, cuda_mma, triton_kernels
 from hbllm.packed.codes import dequantize, from_quantizer
 from hbllm.packed.format import linear_meta, pack_linear, tensor_bytes
 from hbllm.packed.module import PackedLinear
@@ -69,20 +69,25 @@ def copies(make, nbytes: int, l2: int):
 
 
 def tune(packs, l2: int) -> dict:
-    """Pick the launch configs by graph time summed over the shapes: the NVRTC GEMV at batch 1,
-    the Triton tl.dot tiles at batch 16."""
+    """Pick the launch configs by graph time summed over the shapes: the CUDA GEMV at batch 1,
+    the tensor-core GEMV at batch 8, the Triton tl.dot tiles at batch 16."""
     mods = {k: copies(lambda: PackedLinear(p, m, device="cuda"), 8 << 20, l2) for k, (p, m) in packs.items()}
     xs = {b: {k: torch.randn(b, m["cols"], device="cuda", dtype=torch.float16)
-              for k, (_, m) in packs.items()} for b in (1, 16)}
+              for k, (_, m) in packs.items()} for b in (1, 8, 16)}
+    kernel_of = {"gemv": "cuda", "mma": "mma", "mm": "triton"}
     sweeps = {
         (1, "gemv"): (cuda_gemv.CONFIG,
                       [dict(warps=w, unroll=u) for w in (2, 4, 8, 16) for u in (2, 4, 8)]),
+        (8, "mma"): (cuda_mma.CONFIG, [dict(ksplit=k) for k in (4, 8, 16)]),
         (16, "mm"): (triton_kernels.MM_CONFIG,
                      [dict(bn=16, br=br, cw=4, split=sp, num_warps=4) for br in (32, 64)
                       for sp in (1, 4, 8)]),
     }
     chosen = {}
     for (batch, name), (target, configs) in sweeps.items():
+        for ms in mods.values():
+            for m in ms:
+                m.gemv = kernel_of[name]
         times = []
         for cfg in configs:
             target.update(cfg)
@@ -92,7 +97,7 @@ def tune(packs, l2: int) -> dict:
         best = configs[min(range(len(configs)), key=times.__getitem__)]
         target.update(best)
         chosen[name] = {"best": best, "sweep": [dict(c, us=t) for c, t in zip(configs, times)]}
-    return chosen
+    return chosen  # (modules are rebuilt for timing; their default kernel choice is "auto")
 
 
 def bench_layers(packs, codes, bw: float, l2: int) -> list:
@@ -104,20 +109,23 @@ def bench_layers(packs, codes, bw: float, l2: int) -> list:
         w16 = [torch.nn.Linear(cols, rows, bias=False, device="cuda", dtype=torch.float16)
                for _ in range(max(2, math.ceil(2 * l2 / (rows * cols * 2))))]
         w_ref = dequantize(codes[label]).cuda()
-        for batch in (1, 4, 16):
+        for batch in (1, 4, 8, 16):
             x = torch.randn(batch, cols, device="cuda", dtype=torch.float16)
             ref = x.double() @ w_ref.double().T
             err = ((pk[0](x).double() - ref).norm() / ref.norm()).item()
             t_pk, t_fp = graph_time_us(pk, x), graph_time_us(w16, x)
             t_eager = 1e3 * do_bench(lambda: pk[0](x), rep=100, return_mode="median")
-            for m in pk:  # the Triton GEMV the NVRTC kernel replaces (same tokens)
-                m.gemv = "triton"
-            t_tr = graph_time_us(pk, x)
+            t_alt = {}
+            for alt in ("cuda", "mma", "triton"):  # each few-token kernel alone (where it applies)
+                for m in pk:
+                    m.gemv = alt
+                t_alt[alt] = graph_time_us(pk, x)
             for m in pk:
-                m.gemv = "cuda"
+                m.gemv = "auto"
+            t_tr = t_alt["triton"]
             io = 2 * batch * (rows + cols)
             row = {"shape": f"{rows}x{cols}", "layer": label, "batch": batch, "fp16_us": t_fp,
-                   "packed_us": t_pk, "packed_triton_us": t_tr, "packed_eager_us": t_eager,
+                   "packed_us": t_pk, "packed_triton_us": t_tr, "packed_simt_us": t_alt["cuda"], "packed_mma_us": t_alt["mma"], "packed_eager_us": t_eager,
                    "speedup": t_fp / t_pk,
                    "packed_GBps": (pk_bytes + io) / t_pk * 1e-3,
                    "fp16_GBps": (rows * cols * 2 + io) / t_fp * 1e-3,
@@ -232,7 +240,8 @@ def main() -> None:
         print(label, json.dumps(report["quantize"][label]), flush=True)
     if args.tune:
         report["tuning"] = tune(packs, l2)
-    report["configs"] = {"gemv": dict(cuda_gemv.CONFIG), "triton_gemv": dict(triton_kernels.GEMV_CONFIG),
+    report["configs"] = {"mma": dict(cuda_mma.CONFIG), "gemv": dict(cuda_gemv.CONFIG),
+                         "triton_gemv": dict(triton_kernels.GEMV_CONFIG),
                          "mm": dict(triton_kernels.MM_CONFIG)}
     report["layers"] = bench_layers(packs, codes_by_label, report["copy_GBps"] * 1e9, l2)
     if not args.skip_7b:
@@ -242,11 +251,11 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     print(f"\n{report['device']}, copy {report['copy_GBps']:.0f} GB/s, configs {report['configs']}")
-    print("| layer | shape | batch | fp16 us | packed us | (triton us) | speedup | packed GB/s | % copy BW | rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| layer | shape | batch | fp16 us | packed us | (simt us) | (mma us) | (triton us) | speedup | packed GB/s | % copy BW | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in report["layers"]:
         print(f"| {r['layer']} | {r['shape']} | {r['batch']} | {r['fp16_us']:.1f} | {r['packed_us']:.1f} "
-              f"| {r['packed_triton_us']:.1f} "
+              f"| {r['packed_simt_us']:.1f} | {r['packed_mma_us']:.1f} | {r['packed_triton_us']:.1f} "
               f"| {r['speedup']:.2f}x | {r['packed_GBps']:.0f} | {100 * r['packed_bw_frac']:.0f}% "
               f"| {r['rel_err_vs_dequant']:.1e} |")
 

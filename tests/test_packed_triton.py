@@ -4,8 +4,8 @@ import torch
 
 from hbllm.packed.codes import dequantize
 from hbllm.packed.format import linear_meta, pack_linear
-from hbllm.packed import cuda_gemv
-from hbllm.packed.module import GEMV_MAX_TOKENS, PackedLinear, triton_kernels
+from hbllm.packed import cuda_gemv, cuda_mma
+from hbllm.packed.module import GEMV_MAX_TOKENS, MMA_MAX_TOKENS, PackedLinear, triton_kernels
 from hbllm.packed.synthetic import random_codes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or triton_kernels is None,
@@ -26,7 +26,7 @@ def test_triton_matches_dequantized(layout, shared, inverse, batch, dtype):
     x = torch.randn(batch, 512, device="cuda").to(dtype)
     ref = x.double() @ dequantize(codes).double().cuda().T + bias.double().cuda()
     tol = 4e-3 if dtype == torch.float16 else 1.6e-2
-    for gemv in ("cuda", "triton"):  # the few-token kernels; both fall through to tiles beyond
+    for gemv in ("auto", "mma", "cuda", "triton"):  # few-token kernels; tiles beyond their limits
         mod.gemv = gemv
         y = mod(x)
         assert y.dtype == dtype and torch.isfinite(y).all()
@@ -36,26 +36,42 @@ def test_triton_matches_dequantized(layout, shared, inverse, batch, dtype):
     assert ((y_torch.double() - ref).norm() / ref.norm()).item() < tol
 
 
-def test_cuda_gemv_compiles_and_is_used(monkeypatch):
-    assert cuda_gemv.available()
+def test_auto_picks_each_kernel_by_tokens(monkeypatch):
+    assert cuda_gemv.available() and cuda_mma.available()
     codes = random_codes("row", 64, 256, seed=3)
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
     calls = []
-    monkeypatch.setattr(cuda_gemv, "gemv", lambda x, *a: calls.append(1) or torch.zeros(x.shape[0], 64, device="cuda"))
-    mod(torch.randn(GEMV_MAX_TOKENS, 256, device="cuda", dtype=torch.float16))
-    assert calls
-    calls.clear()
-    mod(torch.randn(GEMV_MAX_TOKENS + 1, 256, device="cuda", dtype=torch.float16))
-    assert not calls
+    for name, module in (("cuda", cuda_gemv), ("mma", cuda_mma)):
+        monkeypatch.setattr(module, "gemv", lambda x, *a, name=name: calls.append(name)
+                            or torch.zeros(x.shape[0], 64, device="cuda"))
+    for n, want in ((1, "cuda"), (GEMV_MAX_TOKENS, "cuda"), (GEMV_MAX_TOKENS + 1, "mma"),
+                    (MMA_MAX_TOKENS, "mma"), (MMA_MAX_TOKENS + 1, None)):
+        calls.clear()
+        mod(torch.randn(n, 256, device="cuda", dtype=torch.float16))
+        assert calls == ([want] if want else []), n
+
+
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("batch", [1, 2, 7, 8, 13])
+def test_mma_gemv_odd_pairs_and_tokens(layout, batch):
+    """70 rows: 35 pairs, the last 16-pair tile is partial; 7 tokens: a partial n-tile."""
+    codes = random_codes(layout, 70, 384, seed=batch)
+    mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
+    mod.gemv = "mma"
+    x = torch.randn(batch, 384, device="cuda", dtype=torch.float16)
+    ref = x.double() @ dequantize(codes).double().cuda().T
+    assert ((mod(x).double() - ref).norm() / ref.norm()).item() < 4e-3
 
 
 def test_cuda_gemv_large_shapes_chunk_tokens():
     """C = 11008 (LLaMA down_proj): 4 tokens do not fit one block's shared memory at once."""
     codes = random_codes("row", 128, 11008, seed=5)
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
-    x = torch.randn(4, codes.cols, device="cuda", dtype=torch.float16)
+    x = torch.randn(8, codes.cols, device="cuda", dtype=torch.float16)
     ref = x.double() @ dequantize(codes).double().cuda().T
-    assert ((mod(x).double() - ref).norm() / ref.norm()).item() < 4e-3
+    for gemv, n in (("mma", 8), ("cuda", 4)):
+        mod.gemv = gemv
+        assert ((mod(x[:n]).double() - ref[:n]).norm() / ref[:n].norm()).item() < 4e-3, gemv
 
 
 def test_triton_3d_input_and_odd_rows_tile():
@@ -63,7 +79,7 @@ def test_triton_3d_input_and_odd_rows_tile():
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
     x = torch.randn(2, 3, 256, device="cuda", dtype=torch.float16)
     ref = x.double() @ dequantize(codes).double().cuda().T
-    for gemv in ("cuda", "triton"):
+    for gemv in ("mma", "cuda", "triton"):
         mod.gemv = gemv
         for n in (1, 3):
             y = mod(x[:, :n])

@@ -1,7 +1,8 @@
 """``PackedLinear``: a drop-in ``nn.Linear`` replacement that computes from packed codes.
 
-On CUDA, up to ``GEMV_MAX_TOKENS`` fp16/bf16 tokens (decoding) run the NVRTC-compiled GEMV of
-:mod:`hbllm.packed.cuda_gemv` (both layouts, one launch); more tokens run
+On CUDA, fp16/bf16 inputs of up to ``GEMV_MAX_TOKENS`` tokens (decoding) run the NVRTC-compiled
+GEMV of :mod:`hbllm.packed.cuda_gemv`, up to ``MMA_MAX_TOKENS`` the tensor-core GEMV of
+:mod:`hbllm.packed.cuda_mma` (both layouts, one launch per 8 tokens); more tokens run
 :mod:`hbllm.packed.triton_kernels` (row layout: one fused ``tl.dot`` launch; col layout: two
 ``tl.dot`` band launches plus torch glue), which also serves few tokens where NVRTC is missing.
 Elsewhere the plain torch band path of :mod:`hbllm.packed.runtime`. None keeps a
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from ..quant.haar import INVERSE
-from . import cuda_gemv
+from . import cuda_gemv, cuda_mma
 from .runtime import build_runtime, pair_output, salient_input, torch_forward
 
 try:  # Triton exists only where CUDA does; the CPU path never needs it.
@@ -23,7 +24,8 @@ try:  # Triton exists only where CUDA does; the CPU path never needs it.
 except ImportError:  # pragma: no cover - depends on the machine
     triton_kernels = None
 
-GEMV_MAX_TOKENS = 4  # up to this many tokens the row layout uses the fused GEMV kernel
+GEMV_MAX_TOKENS = 4  # up to this many tokens: the CUDA GEMV (cuda_gemv), fastest at 1-4 tokens
+MMA_MAX_TOKENS = 16  # up to this many: the tensor-core GEMV (cuda_mma, 8 tokens a launch); then Triton
 
 
 class PackedLinear(nn.Module):
@@ -46,7 +48,7 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(device),
                                                            requires_grad=False)
         self.use_triton = True  # set False to force the torch path on CUDA (tests, benchmarks)
-        self.gemv = "cuda"  # few-token kernel on CUDA: "cuda" (NVRTC) or "triton"
+        self.gemv = "auto"  # few-token kernel on CUDA: "auto", "cuda", "mma" or "triton" (benchmarks)
 
     def extra_repr(self) -> str:
         m = self.meta
@@ -72,10 +74,14 @@ class PackedLinear(nn.Module):
     def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
         m, rt = self.meta, self.runtime()
         c = INVERSE[m["inverse"]]
-        if (self.gemv == "cuda" and x.shape[0] <= GEMV_MAX_TOKENS
-                and x.dtype in (torch.float16, torch.bfloat16) and cuda_gemv.available()
-                and cuda_gemv.fits(m["cols"], rt["sal_wgrp"].numel(), x.device)):
+        n, sal_words = x.shape[0], rt["sal_wgrp"].numel()
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        if (self.gemv in ("auto", "cuda") and half and n <= GEMV_MAX_TOKENS and cuda_gemv.available()
+                and cuda_gemv.fits(m["cols"], sal_words, x.device)):
             return cuda_gemv.gemv(x, rt, m, c)
+        if (self.gemv in ("auto", "mma") and half and n <= MMA_MAX_TOKENS and cuda_mma.available()
+                and cuda_mma.fits(m["cols"], sal_words, x.device)):
+            return cuda_mma.gemv(x, rt, m, c)
         if m["layout"] == "row":
             kernel = triton_kernels.row_gemv if x.shape[0] <= GEMV_MAX_TOKENS else triton_kernels.row_mm
             return kernel(x, rt, m, c)

@@ -1,0 +1,293 @@
+"""Few-token packed linear on tensor cores (``mma.m16n8k16``), compiled at first use with NVRTC.
+
+Each coefficient of a statistics group is ``w = mid + amid S + dm G + da SG`` with ``S, G, SG``
+in {-1, +1} (sign bit, group bit, and their agreement) and ``mid = (m0+m1)/2``,
+``amid = (a0+a1)/2``, ``dm = (m1-m0)/2``, ``da = (a1-a0)/2``. So a 16-row tile times the input is
+four tensor-core products -- an all-ones A (sum of z) and the three +-1 matrices -- combined with
+the rows' statistics once per group. A +-1 fp16 (bf16) pair of an A fragment is one shift and one
+LOP3 of a bit word (``(~w << sh) & 0x80008000 | ONE``) when the MMA's k order is permuted so that
+a register's pair is bits ``(i, i + 16)`` of a word; the input is written to shared memory in that
+order, so the word layout of :func:`hbllm.packed.runtime.build_runtime` is used unchanged.
+
+A block owns 16 row pairs (32 output rows) and ``ksplit`` warps that split the words (whole
+groups for the main band, any words for the salient residual), then reduce in shared memory.
+Row layout: main tiles are output rows ``2p0 .. 2p0+31``, salient tiles the pairs' low and high
+rows, combined as ``y[2p] += c(lo + hi)``, ``y[2p+1] += c(lo - hi)``. Col layout: main and
+salient both feed the low/high tiles of the pair output.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict
+
+import torch
+
+MAX_TOKENS = 8  # one n-tile of the MMA
+CONFIG = {"ksplit": 16}  # warps per block; best of scripts/bench_kernel.py --tune on an H100
+
+_SOURCE = r"""
+typedef unsigned short u16;
+#if DT == 0
+#define ONE 0x3C003C00u
+#define MMA_T "f16"
+#else
+#define ONE 0x3F803F80u
+#define MMA_T "bf16"
+#endif
+__device__ __forceinline__ float ld(u16 h) {
+#if DT == 0
+  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+#else
+  return __uint_as_float(((unsigned)h) << 16);
+#endif
+}
+__device__ __forceinline__ u16 st(float f) {
+  u16 h;
+#if DT == 0
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+  return h;
+}
+__device__ __forceinline__ float h2f(unsigned h) {
+  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h)); return f;
+}
+__device__ __forceinline__ void mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_T "." MMA_T ".f32 "
+               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// position in the MMA k order (within a 32-column word) of bit b: pair register (tau, r) of lane q
+// holds bits (i, i + 16), i = 8 tau + 4 r + q, at k = 16 tau + 8 r + 2 q + (b >> 4)
+__device__ __forceinline__ int kpos(int b) {
+  const int i = b & 15;
+  return ((i >> 3) << 4) + (((i >> 2) & 1) << 3) + ((i & 3) << 1) + (b >> 4);
+}
+__device__ __forceinline__ unsigned pm(unsigned neg, int sh) { return ((neg << sh) & 0x80008000u) | ONE; }
+struct Acc { float t[4], s[4], g[4], x[4]; };
+__device__ __forceinline__ void clear(Acc& A) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) A.t[j] = A.s[j] = A.g[j] = A.x[j] = 0.f;
+}
+// one 32-column word of a 16-row tile: (s0, g0) of row g, (s1, g1) of row g + 8; zb: this lane's
+// token row of the input at the word (u32 units)
+__device__ __forceinline__ void word(Acc& A, unsigned s0, unsigned g0, unsigned s1, unsigned g1,
+                                     const unsigned* zb, int q, const int* sh) {
+  const unsigned ns0 = ~s0, ng0 = ~g0, nx0 = s0 ^ g0, ns1 = ~s1, ng1 = ~g1, nx1 = s1 ^ g1;
+  const unsigned ones[4] = {ONE, ONE, ONE, ONE};
+#pragma unroll
+  for (int tau = 0; tau < 2; ++tau) {
+    const unsigned b0 = zb[8 * tau + q], b1 = zb[8 * tau + 4 + q];
+    const int h0 = sh[2 * tau], h1 = sh[2 * tau + 1];
+    mma(A.t, ones, b0, b1);
+    unsigned a[4] = {pm(ns0, h0), pm(ns1, h0), pm(ns0, h1), pm(ns1, h1)};
+    mma(A.s, a, b0, b1);
+    unsigned c[4] = {pm(ng0, h0), pm(ng1, h0), pm(ng0, h1), pm(ng1, h1)};
+    mma(A.g, c, b0, b1);
+    unsigned e[4] = {pm(nx0, h0), pm(nx1, h0), pm(nx0, h1), pm(nx1, h1)};
+    mma(A.x, e, b0, b1);
+  }
+}
+// out (rows g, g+8; tokens 2q, 2q+1) += the group's sums weighted by the rows' statistics
+__device__ __forceinline__ void flush(float* out, Acc& A, uint2 t0, uint2 t1) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint2 t = h ? t1 : t0;
+    const float m0 = h2f(t.x & 0xffff), a0 = h2f(t.x >> 16), m1 = h2f(t.y & 0xffff), a1 = h2f(t.y >> 16);
+    const float mid = 0.5f * (m0 + m1), amid = 0.5f * (a0 + a1), dm = 0.5f * (m1 - m0), da = 0.5f * (a1 - a0);
+#pragma unroll
+    for (int j = 2 * h; j < 2 * h + 2; ++j)
+      out[j] += mid * A.t[j] + amid * A.s[j] + dm * A.g[j] + da * A.x[j];
+  }
+  clear(A);
+}
+// two 16-row tiles of a band, words [w0, w1): rows (ra, rb) = (g, g + 8) of the first tile into
+// o1, (rc, rd) of the second into o2; group of word w: w / wpg, or grp[w]. All loads of UW words
+// are issued before their products.
+#define UW 4
+__device__ __forceinline__ void band2(float* o1, float* o2, const unsigned* __restrict__ sg,
+    const unsigned* __restrict__ mb, const uint2* __restrict__ stats, const int* __restrict__ grp,
+    int wpg, int ra, int rb, int rc, int rd, int W, int G, int w0, int w1, const unsigned* z, int q,
+    const int* sh) {
+  Acc A, B;
+  clear(A);
+  clear(B);
+  const unsigned* rs[4] = {sg + (size_t)ra * W, sg + (size_t)rb * W, sg + (size_t)rc * W, sg + (size_t)rd * W};
+  const unsigned* rm[4] = {mb + (size_t)ra * W, mb + (size_t)rb * W, mb + (size_t)rc * W, mb + (size_t)rd * W};
+  for (int wb = w0; wb < w1; wb += UW) {
+    unsigned vs[UW][4], vm[UW][4];
+    int gw[UW + 1];
+#pragma unroll
+    for (int u = 0; u < UW; ++u) {
+      const int w = min(wb + u, w1 - 1);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) { vs[u][k] = rs[k][w]; vm[u][k] = rm[k][w]; }
+    }
+#pragma unroll
+    for (int u = 0; u <= UW; ++u) {
+      const int w = wb + u;
+      gw[u] = w >= w1 ? -1 : grp ? grp[w] : w / wpg;
+    }
+#pragma unroll
+    for (int u = 0; u < UW; ++u) {
+      const int w = wb + u;
+      if (w < w1) {
+        word(A, vs[u][0], vm[u][0], vs[u][1], vm[u][1], z + w * 16, q, sh);
+        word(B, vs[u][2], vm[u][2], vs[u][3], vm[u][3], z + w * 16, q, sh);
+        if (gw[u + 1] != gw[u]) {
+          const int gg = gw[u];
+          flush(o1, A, stats[(size_t)ra * G + gg], stats[(size_t)rb * G + gg]);
+          flush(o2, B, stats[(size_t)rc * G + gg], stats[(size_t)rd * G + gg]);
+        }
+      }
+    }
+  }
+}
+extern "C" __global__ void NAME(const u16* __restrict__ x, u16* __restrict__ y,
+    const unsigned* __restrict__ ms, const unsigned* __restrict__ mm, const uint2* __restrict__ mst,
+    const unsigned* __restrict__ ss, const unsigned* __restrict__ sm, const int* __restrict__ sgrp,
+    const uint2* __restrict__ sst, const int* __restrict__ sc, const unsigned char* __restrict__ keep,
+    int N, int R, int C, int SW, int G, int NB, int WPG, double cd) {
+  extern __shared__ unsigned smem[];
+  const int W = C >> 5, P = R >> 1, KS = blockDim.x >> 5;
+  const int ZR = (C >> 1) + 4, ZSR = SW * 16 + 4;  // u32 per token row (the +4 spreads the banks)
+  unsigned* z = smem;                               // [NT][ZR] main input, MMA k order
+  unsigned* zs = z + NT * ZR;                       // [NT][ZSR] x at the salient slots
+  float* red = reinterpret_cast<float*>(zs + NT * ZSR);  // [KS][4 tiles][32 lanes][4]
+  float* fin = red + KS * 512;                      // [4 tiles][16 rows][8 tokens]
+  u16* zh = reinterpret_cast<u16*>(z);
+  u16* zsh = reinterpret_cast<u16*>(zs);
+  const float c = (float)cd;
+  for (int n = 0; n < N; ++n) {
+    const u16* xn = x + (size_t)n * C;
+#if ROW
+    for (int qq = threadIdx.x; qq < (C >> 1); qq += blockDim.x) {
+      const unsigned two = reinterpret_cast<const unsigned*>(xn)[qq];
+      const float e = ld((u16)(two & 0xffff)), o = ld((u16)(two >> 16));
+      const int b = qq / (BS / 2), j = b * BS + (qq - b * (BS / 2)), j2 = j + BS / 2;
+      zh[n * 2 * ZR + (j & ~31) + kpos(j & 31)] = st((e + o) * c);
+      zh[n * 2 * ZR + (j2 & ~31) + kpos(j2 & 31)] = st((e - o) * c);
+    }
+#else
+    for (int j = threadIdx.x; j < C; j += blockDim.x)
+      zh[n * 2 * ZR + (j & ~31) + kpos(j & 31)] = keep[j] ? xn[j] : (u16)0;
+#endif
+    for (int j = threadIdx.x; j < SW * 32; j += blockDim.x) {
+      const int col = sc[j];
+      zsh[n * 2 * ZSR + (j & ~31) + kpos(j & 31)] = col >= 0 ? xn[col] : (u16)0;
+    }
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, kw = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+  int sh[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) sh[k] = 15 - (4 * k + q);  // (tau, r) = (k >> 1, k & 1): i = 8 tau + 4 r + q
+  const int tok = g < N ? g : N - 1;
+  const unsigned* zt = z + tok * ZR;
+  const unsigned* zst = zs + tok * ZSR;
+  const int p0 = blockIdx.x * 16;
+  const int pa = min(p0 + g, P - 1), pb = min(p0 + g + 8, P - 1);  // pair rows, clamped
+  const int ng = W / WPG, m0 = (ng * kw / KS) * WPG, m1 = (ng * (kw + 1) / KS) * WPG;
+  const int s0 = SW * kw / KS, s1 = SW * (kw + 1) / KS;
+  float out[4][4];
+#pragma unroll
+  for (int t = 0; t < 4; ++t)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[t][j] = 0.f;
+#if ROW
+  const int r0 = min(2 * p0 + g, R - 1), r1 = min(2 * p0 + g + 8, R - 1);
+  const int r2 = min(2 * p0 + 16 + g, R - 1), r3 = min(2 * p0 + 24 + g, R - 1);
+  band2(out[0], out[1], ms, mm, mst, nullptr, WPG, r0, r1, r2, r3, W, G, m0, m1, zt, q, sh);
+#else
+  band2(out[2], out[3], ms, mm, mst, nullptr, WPG, pa, pb, pa + P, pb + P, W, G, m0, m1, zt, q, sh);
+#endif
+  band2(out[2], out[3], ss, sm, sst, sgrp, 1, pa, pb, pa + P, pb + P, SW, NB, s0, s1, zst, q, sh);
+#pragma unroll
+  for (int t = 0; t < 4; ++t)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) red[((kw * 4 + t) * 32 + lane) * 4 + j] = out[t][j];
+  __syncthreads();
+  for (int i = threadIdx.x; i < 512; i += blockDim.x) {  // i = (tile, lane, j)
+    float v = 0.f;
+    for (int k = 0; k < KS; ++k) v += red[k * 512 + i];
+    const int t = i >> 7, l = (i >> 2) & 31, j = i & 3;
+    const int row = (l >> 2) + 8 * (j >> 1), tk = 2 * (l & 3) + (j & 1);
+    fin[(t * 16 + row) * 8 + tk] = v;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 32 * N; i += blockDim.x) {  // i = (token, output row of the block)
+    const int n = i >> 5, o = i & 31, pp = o >> 1, orow = 2 * p0 + o;
+    if (orow >= R) continue;
+    const float lo = fin[(2 * 16 + pp) * 8 + n], hi = fin[(3 * 16 + pp) * 8 + n];
+    const float pair = c * ((o & 1) ? lo - hi : lo + hi);
+#if ROW
+    const float v = fin[((o >> 4) * 16 + (o & 15)) * 8 + n] + pair;
+#else
+    const float v = pair;
+#endif
+    y[(size_t)n * R + orow] = st(v);
+  }
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(row: bool, nt: int, bf16: bool, bs: int, device: int):
+    name = f"hbllm_mma_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}"
+    defines = (f"#define NAME {name}\n#define ROW {int(row)}\n#define NT {nt}\n"
+               f"#define DT {int(bf16)}\n#define BS {bs}\n")
+    with torch.cuda.device(device):
+        kernel = torch.cuda._compile_kernel(defines + _SOURCE, name)
+        kernel.set_shared_memory_config(torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether the NVRTC kernel compiles here (CUDA, PyTorch >= 2.9, sm_80 or newer)."""
+    if not torch.cuda.is_available() or not hasattr(torch.cuda, "_compile_kernel"):
+        return False
+    if torch.cuda.get_device_capability()[0] < 8:
+        return False
+    try:
+        _kernel(True, 1, False, 128, torch.cuda.current_device())
+        return True
+    except Exception:  # no NVRTC, an old driver, ...: the Triton kernels stay in use
+        return False
+
+
+def smem_bytes(cols: int, sal_words: int, nt: int, ksplit: int) -> int:
+    return 4 * (nt * (cols // 2 + 4 + sal_words * 16 + 4) + ksplit * 512 + 512)
+
+
+def fits(cols: int, sal_words: int, device=None) -> bool:
+    """Whether one token's inputs fit in a block's shared memory."""
+    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return smem_bytes(cols, sal_words, 1, CONFIG["ksplit"]) <= limit
+
+
+def gemv(x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float) -> torch.Tensor:
+    """y (N, R) = x (N, C) W^T for up to a few tokens, fp16 or bf16, x contiguous on CUDA."""
+    if x.data_ptr() % 4:  # the row kernel reads x as pairs of 16-bit values
+        x = x.clone()
+    n, cols = x.shape
+    rows, row, bs = meta["rows"], meta["layout"] == "row", meta["blocksize"]
+    sal_words, ksplit = rt["sal_wgrp"].numel(), CONFIG["ksplit"]
+    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+    nt = 1
+    while nt < min(n, MAX_TOKENS) and smem_bytes(cols, sal_words, 2 * nt, ksplit) <= limit:
+        nt *= 2
+    kernel = _kernel(row, nt, x.dtype == torch.bfloat16, bs, x.device.index or 0)
+    y = torch.empty(n, rows, device=x.device, dtype=x.dtype)
+    keep = rt["sal_cols"] if row else rt["ns_mask"]  # bool: one byte per column; unused for row
+    grid = ((rows // 2 + 15) // 16, 1, 1)
+    for i in range(0, n, nt):
+        xi, yi = x[i:i + nt], y[i:i + nt]
+        kernel(grid=grid, block=(32 * ksplit, 1, 1), shared_mem=smem_bytes(cols, sal_words, nt, ksplit),
+               args=[xi, yi, rt["main_sign"], rt["main_member"], rt["main_stats"],
+                     rt["sal_sign"], rt["sal_member"], rt["sal_wgrp"], rt["sal_stats"], rt["sal_cols"],
+                     keep, xi.shape[0], rows, cols, sal_words, rt["main_stats"].shape[1],
+                     cols // bs, bs // (64 if row else 32), float(c)])
+    return y
