@@ -24,24 +24,28 @@ step() {  # step NAME CMD...: run CMD, append its wall time to $LOG
   echo "== $(date -u +%H:%M:%S) end $name: rc=$rc wall=$(( $(date +%s) - t0 ))s" | tee -a "$LOG"
 }
 
-# 1. Main comparison, the cheapest and most informative methods first. (In the session of
-#    RESULTS.md, billm and sign were run by hand alongside this step, each as
-#    `OMP_NUM_THREADS=1 nice -n 10 hbllm -m experiment=gemma3_study data.local_dir=$DATA quant=billm`
-#    (resp. quant=sign), into the same sweep directory; this step then skips them as done.)
-step methods-core hbllm -m experiment=gemma3_study data.local_dir=$DATA \
-  quant=fp16,hbllm_row,billm,sign,hbllm_col
+# 1. Main comparison: the preset's 7 methods, cheapest and most informative first.
+step methods hbllm -m experiment=gemma3_study data.local_dir=$DATA
 # 2. Ablations of hbllm_row. Only the non-default value is run: the default (l2, row) is
 #    exactly the hbllm_row run of step 1 (same resolved config), compared in RESULTS.md.
 step ablation-salient hbllm -m experiment=ablation_salient "${SETTING[@]}" quant.salient_metric=l1
 step ablation-grouping hbllm -m experiment=ablation_grouping "${SETTING[@]}" quant.partition=global
-# 3. The shared-mean variants (the preset's full list; the 5 runs of step 1 are skipped).
-step methods-shared hbllm -m experiment=gemma3_study data.local_dir=$DATA
-# 4. Zero-shot on the one local task (openbookqa, 100 questions): fp16, billm, hbllm_row.
+# 3. Zero-shot on the one local task (openbookqa, first 100 questions): fp16, billm, hbllm_row
+#    (quantized again in their own sweep directory; no perplexity).
 if [ "${ZEROSHOT:-0}" = 1 ]; then
   step zeroshot hbllm -m experiment=gemma3_study data.local_dir=$DATA quant=fp16,billm,hbllm_row \
-    hydra.job.name=gemma3_zeroshot eval.zeroshot.enabled=true "eval.zeroshot.tasks=[openbookqa]" \
-    eval.zeroshot.local_dir=$DATA/zeroshot eval.zeroshot.limit=100
+    hydra.job.name=gemma3_zeroshot "eval.datasets=[]" eval.zeroshot.enabled=true \
+    "eval.zeroshot.tasks=[openbookqa]" eval.zeroshot.local_dir=$DATA/zeroshot eval.zeroshot.limit=100
 fi
-# 5. The report (tables, CSV, plots).
+# 4. The report (tables, CSV, plots).
 hbllm-report multirun/gemma3_study/gemma3-270m multirun/ablation_salient/gemma3-270m \
   multirun/ablation_grouping/gemma3-270m -o experiments/gemma3-270m/report
+# 5. Keep each run's results.json and resolved config beside RESULTS.md (multirun/ is git-ignored):
+#    runs/<sweep>/<method>/<calib>-<hash>/.
+for sweep in gemma3_study gemma3_zeroshot ablation_salient ablation_grouping; do
+  [ -d multirun/$sweep/gemma3-270m ] || continue
+  find multirun/$sweep/gemma3-270m -name results.json -not -path '*/wandb/*' | while read -r f; do
+    run=$(dirname "$f"); d=experiments/gemma3-270m/runs/$sweep/$(basename "$(dirname "$run")")/$(basename "$run")
+    mkdir -p "$d" && cp "$f" "$d/" && cp "$run/.hydra/config.yaml" "$d/" 2>/dev/null
+  done
+done

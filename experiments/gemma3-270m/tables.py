@@ -1,0 +1,70 @@
+"""The tables of RESULTS.md, from the runs kept in runs/ (results.json of each run).
+
+    python experiments/gemma3-270m/tables.py [RUNS_DIR]
+
+Main table: every run of the gemma3_study sweep; ratio = perplexity / fp16 perplexity on the same
+windows. Ablations: hbllm_row (l2 salient score, row split) against the l1 and global variants.
+Zero-shot: accuracy of the gemma3_zeroshot runs.
+"""
+import json
+import sys
+from pathlib import Path
+
+SETS = ("wikitext2", "ptb", "wiki_sample")
+ORDER = ("fp16", "sign", "billm", "hbllm_row", "hbllm_col", "hbllm_row_shared", "hbllm_col_shared")
+
+
+def load(runs: Path, sweep: str) -> dict:
+    """{label: results} of the finished runs of one sweep (label: quant.name or method)."""
+    out = {}
+    for f in sorted((runs / sweep).glob("*/*/results.json")):
+        res = json.loads(f.read_text())
+        if res.get("status") == "done":
+            out[f.parent.parent.name] = res
+    return out
+
+
+def fmt(v: float) -> str:
+    return f"{v:.3g}" if v >= 1e5 else f"{v:.4g}" if v < 100 else f"{v:.1f}"
+
+
+def main(runs: Path) -> None:
+    study = load(runs, "gemma3_study")
+    fp = study.get("fp16", {}).get("ppl", {})
+    print("| method | bits paper | bits full | " + " | ".join(f"ppl {s}" for s in SETS)
+          + " | ratio to fp16 (" + " / ".join(SETS) + ") | quantize s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in sorted(study, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
+        r = study[name]
+        ppl, bits = r["ppl"], r["bits"]
+        ratio = " / ".join(fmt(ppl[s] / fp[s]) if s in fp else "-" for s in SETS)
+        print(f"| {name} | {bits['paper']:.3f} | {bits['full']:.3f} | "
+              + " | ".join(fmt(ppl[s]) for s in SETS)
+              + f" | {ratio} | {r['timing'].get('quantize_s', 0):.0f} |")
+    base = study.get("hbllm_row")
+    rows = [("l2 salient, row split (= hbllm_row)", base)]
+    for sweep, label in (("ablation_salient", "l1 salient"), ("ablation_grouping", "global split")):
+        for res in load(runs, sweep).values():
+            rows.append((label, res))
+    print("\n| hbllm_row variant | bits paper | bits full | " + " | ".join(f"ppl {s}" for s in SETS)
+          + " | quantize s |")
+    print("|---|---|---|---|---|---|---|")
+    for label, r in rows:
+        if r:
+            print(f"| {label} | {r['bits']['paper']:.3f} | {r['bits']['full']:.3f} | "
+                  + " | ".join(fmt(r["ppl"][s]) for s in SETS) + f" | {r['timing']['quantize_s']:.0f} |")
+    zs = load(runs, "gemma3_zeroshot")
+    if zs:
+        print("\n| method | task | acc | acc stderr | acc_norm | acc_norm stderr | n |")
+        print("|---|---|---|---|---|---|---|")
+        for name in sorted(zs, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
+            for task, m in (zs[name].get("zeroshot") or {}).items():
+                if isinstance(m, dict):
+                    print(f"| {name} | {task} | " + " | ".join(
+                        f"{m.get(k, float('nan')):.3f}" for k in ("acc", "acc_stderr", "acc_norm",
+                                                                  "acc_norm_stderr"))
+                          + f" | {m.get('samples', '')} |")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "runs")
