@@ -12,7 +12,7 @@ among the row group's ``mean -+ scale`` values and one FMA per token.
 * col layout: main and salient rows ``p, p + R/2`` both feed the pair output.
 
 Buffers are those of :func:`hbllm.packed.runtime.build_runtime` (no extra copy).
-``torch.cuda._compile_kernel`` (PyTorch >= 2.9) compiles it; :func:`available` says whether it
+:mod:`hbllm.packed.nvrtc` compiles it (PyTorch >= 2.9) and launches it; :func:`available` says whether it
 can run here, and the module falls back to Triton otherwise.
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Dict
 
 import torch
 
+from . import nvrtc
+
 ZS = 36  # floats per word slot in shared memory
 MAX_TOKENS = 4
 # Launch config: row pairs (warps) per block, words per lane loaded at once. Best of
@@ -30,23 +32,6 @@ CONFIG = {"warps": 16, "unroll": 2}
 
 _SOURCE = r"""
 #define ZS 36
-typedef unsigned short u16;
-__device__ __forceinline__ float ld(u16 h) {
-#if DT == 0
-  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
-#else
-  return __uint_as_float(((unsigned)h) << 16);
-#endif
-}
-__device__ __forceinline__ u16 st(float f) {
-  u16 h;
-#if DT == 0
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#else
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#endif
-  return h;
-}
 // (m0 - a0, m0 + a0, m1 - a1, m1 + a1) from fp16 stats [m0, a0, m1, a1]
 __device__ __forceinline__ float4 vals(uint2 s) {
   float m0, a0, m1, a1;
@@ -191,18 +176,13 @@ extern "C" __global__ void NAME(const u16* __restrict__ x, u16* __restrict__ y,
 @functools.lru_cache(maxsize=None)
 def _kernel(row: bool, nt: int, bf16: bool, bs: int, unroll: int, device: int):
     name = f"hbllm_gemv_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}_{unroll}"
-    defines = (f"#define NAME {name}\n#define ROW {int(row)}\n#define NT {nt}\n"
-               f"#define DT {int(bf16)}\n#define BS {bs}\n#define U {unroll}\n")
-    with torch.cuda.device(device):
-        kernel = torch.cuda._compile_kernel(defines + _SOURCE, name)
-        kernel.set_shared_memory_config(torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
-    return kernel
+    return nvrtc.compile_kernel(_SOURCE, name, device, ROW=int(row), NT=nt, DT=int(bf16), BS=bs, U=unroll)
 
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether the NVRTC kernel compiles and runs on the current CUDA device."""
-    if not torch.cuda.is_available() or not hasattr(torch.cuda, "_compile_kernel"):
+    if not nvrtc.supported():
         return False
     try:
         _kernel(True, 1, False, 128, CONFIG["unroll"], torch.cuda.current_device())
@@ -215,33 +195,20 @@ def smem_bytes(cols: int, sal_words: int, nt: int) -> int:
     return 4 * nt * (cols // 32 + sal_words) * ZS
 
 
-def fits(cols: int, sal_words: int, device=None) -> bool:
+def fits(cols: int, sal_words: int, device: torch.device) -> bool:
     """Whether one token's inputs fit in a block's shared memory."""
-    return smem_bytes(cols, sal_words, 1) <= torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return smem_bytes(cols, sal_words, 1) <= nvrtc.smem_limit(nvrtc.device_index(device))
 
 
 def gemv(x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float) -> torch.Tensor:
     """y (N, R) = x (N, C) W^T for few tokens, fp16 or bf16, x contiguous on CUDA."""
-    if x.data_ptr() % 4:  # the row kernel reads x as pairs of 16-bit values
-        x = x.clone()
     n, cols = x.shape
-    rows, row = meta["rows"], meta["layout"] == "row"
-    sal_words = rt["sal_wgrp"].numel()
-    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+    sal_words, device = rt["sal_wgrp"].numel(), nvrtc.device_index(x.device)
     per_token = smem_bytes(cols, sal_words, 1)
-    chunk = max(1, min(MAX_TOKENS, limit // per_token, n))
+    chunk = max(1, min(MAX_TOKENS, nvrtc.smem_limit(device) // per_token, n))
     nt = 1 << (chunk.bit_length() - 1)  # 1, 2 or 4 tokens per launch
-    bs = meta["blocksize"]
     warps, unroll = CONFIG["warps"], CONFIG["unroll"]
-    kernel = _kernel(row, nt, x.dtype == torch.bfloat16, bs, unroll, x.device.index or 0)
-    y = torch.empty(n, rows, device=x.device, dtype=x.dtype)
-    keep = rt["sal_cols"] if row else rt["ns_mask"]  # bool: one byte per column; unused for row
-    grid = ((rows // 2 + warps - 1) // warps, 1, 1)
-    for i in range(0, n, nt):
-        xi, yi = x[i:i + nt], y[i:i + nt]
-        kernel(grid=grid, block=(32 * warps, 1, 1), shared_mem=smem_bytes(cols, sal_words, nt),
-               args=[xi, yi, rt["main_sign"], rt["main_member"], rt["main_stats"],
-                     rt["sal_sign"], rt["sal_member"], rt["sal_wgrp"], rt["sal_stats"], rt["sal_cols"],
-                     keep, xi.shape[0], rows, cols, sal_words, rt["main_stats"].shape[1],
-                     cols // bs, bs // (64 if row else 32), float(c)])
-    return y
+    kernel = _kernel(meta["layout"] == "row", nt, x.dtype == torch.bfloat16, meta["blocksize"],
+                     unroll, device)
+    grid = ((meta["rows"] // 2 + warps - 1) // warps, 1, 1)
+    return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem_bytes(cols, sal_words, nt))

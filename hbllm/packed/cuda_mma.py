@@ -22,11 +22,12 @@ from typing import Dict
 
 import torch
 
+from . import nvrtc
+
 MAX_TOKENS = 8  # one n-tile of the MMA
 CONFIG = {"ksplit": 16}  # warps per block; best of scripts/bench_kernel.py --tune on an H100
 
 _SOURCE = r"""
-typedef unsigned short u16;
 #if DT == 0
 #define ONE 0x3C003C00u
 #define MMA_T "f16"
@@ -34,22 +35,6 @@ typedef unsigned short u16;
 #define ONE 0x3F803F80u
 #define MMA_T "bf16"
 #endif
-__device__ __forceinline__ float ld(u16 h) {
-#if DT == 0
-  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
-#else
-  return __uint_as_float(((unsigned)h) << 16);
-#endif
-}
-__device__ __forceinline__ u16 st(float f) {
-  u16 h;
-#if DT == 0
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#else
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#endif
-  return h;
-}
 __device__ __forceinline__ float h2f(unsigned h) {
   float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h)); return f;
 }
@@ -236,20 +221,13 @@ extern "C" __global__ void NAME(const u16* __restrict__ x, u16* __restrict__ y,
 @functools.lru_cache(maxsize=None)
 def _kernel(row: bool, nt: int, bf16: bool, bs: int, device: int):
     name = f"hbllm_mma_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}"
-    defines = (f"#define NAME {name}\n#define ROW {int(row)}\n#define NT {nt}\n"
-               f"#define DT {int(bf16)}\n#define BS {bs}\n")
-    with torch.cuda.device(device):
-        kernel = torch.cuda._compile_kernel(defines + _SOURCE, name)
-        kernel.set_shared_memory_config(torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
-    return kernel
+    return nvrtc.compile_kernel(_SOURCE, name, device, ROW=int(row), NT=nt, DT=int(bf16), BS=bs)
 
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether the NVRTC kernel compiles here (CUDA, PyTorch >= 2.9, sm_80 or newer)."""
-    if not torch.cuda.is_available() or not hasattr(torch.cuda, "_compile_kernel"):
-        return False
-    if torch.cuda.get_device_capability()[0] < 8:
+    if not nvrtc.supported() or torch.cuda.get_device_capability()[0] < 8:
         return False
     try:
         _kernel(True, 1, False, 128, torch.cuda.current_device())
@@ -262,32 +240,20 @@ def smem_bytes(cols: int, sal_words: int, nt: int, ksplit: int) -> int:
     return 4 * (nt * (cols // 2 + 4 + sal_words * 16 + 4) + ksplit * 512 + 512)
 
 
-def fits(cols: int, sal_words: int, device=None) -> bool:
+def fits(cols: int, sal_words: int, device: torch.device) -> bool:
     """Whether one token's inputs fit in a block's shared memory."""
-    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    return smem_bytes(cols, sal_words, 1, CONFIG["ksplit"]) <= limit
+    return smem_bytes(cols, sal_words, 1, CONFIG["ksplit"]) <= nvrtc.smem_limit(nvrtc.device_index(device))
 
 
 def gemv(x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float) -> torch.Tensor:
     """y (N, R) = x (N, C) W^T for up to a few tokens, fp16 or bf16, x contiguous on CUDA."""
-    if x.data_ptr() % 4:  # the row kernel reads x as pairs of 16-bit values
-        x = x.clone()
     n, cols = x.shape
-    rows, row, bs = meta["rows"], meta["layout"] == "row", meta["blocksize"]
     sal_words, ksplit = rt["sal_wgrp"].numel(), CONFIG["ksplit"]
-    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+    device = nvrtc.device_index(x.device)
     nt = 1
-    while nt < min(n, MAX_TOKENS) and smem_bytes(cols, sal_words, 2 * nt, ksplit) <= limit:
+    while nt < min(n, MAX_TOKENS) and smem_bytes(cols, sal_words, 2 * nt, ksplit) <= nvrtc.smem_limit(device):
         nt *= 2
-    kernel = _kernel(row, nt, x.dtype == torch.bfloat16, bs, x.device.index or 0)
-    y = torch.empty(n, rows, device=x.device, dtype=x.dtype)
-    keep = rt["sal_cols"] if row else rt["ns_mask"]  # bool: one byte per column; unused for row
-    grid = ((rows // 2 + 15) // 16, 1, 1)
-    for i in range(0, n, nt):
-        xi, yi = x[i:i + nt], y[i:i + nt]
-        kernel(grid=grid, block=(32 * ksplit, 1, 1), shared_mem=smem_bytes(cols, sal_words, nt, ksplit),
-               args=[xi, yi, rt["main_sign"], rt["main_member"], rt["main_stats"],
-                     rt["sal_sign"], rt["sal_member"], rt["sal_wgrp"], rt["sal_stats"], rt["sal_cols"],
-                     keep, xi.shape[0], rows, cols, sal_words, rt["main_stats"].shape[1],
-                     cols // bs, bs // (64 if row else 32), float(c)])
-    return y
+    kernel = _kernel(meta["layout"] == "row", nt, x.dtype == torch.bfloat16, meta["blocksize"], device)
+    grid = ((meta["rows"] // 2 + 15) // 16, 1, 1)
+    return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * ksplit,
+                        smem_bytes(cols, sal_words, nt, ksplit))

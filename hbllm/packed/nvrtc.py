@@ -1,0 +1,80 @@
+"""What the NVRTC-compiled packed kernels (cuda_gemv, cuda_mma) share: the CUDA prelude, the
+compile step and the launch over token chunks with the compute buffers of
+:func:`hbllm.packed.runtime.build_runtime`.
+
+A kernel source defines ``NAME`` and is compiled with ``DT`` (0 fp16, 1 bf16) plus its own macros;
+its signature starts with the arguments :func:`launch` passes (see there).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict
+
+import torch
+
+# u16 storage of fp16/bf16 values and their float conversions (no CUDA headers needed).
+PRELUDE = r"""
+typedef unsigned short u16;
+__device__ __forceinline__ float ld(u16 h) {
+#if DT == 0
+  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+#else
+  return __uint_as_float(((unsigned)h) << 16);
+#endif
+}
+__device__ __forceinline__ u16 st(float f) {
+  u16 h;
+#if DT == 0
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+  return h;
+}
+"""
+
+
+def supported() -> bool:
+    """CUDA is there and this PyTorch compiles kernels with NVRTC (>= 2.9)."""
+    return torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")
+
+
+def device_index(device: torch.device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+@functools.lru_cache(maxsize=None)
+def smem_limit(device: int) -> int:
+    """Shared memory a block may opt in to on CUDA device ``device``, bytes."""
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def compile_kernel(source: str, name: str, device: int, **macros: int):
+    """``PRELUDE`` + ``source`` compiled as kernel ``name`` with ``#define``s for ``macros``,
+    allowed the device's whole opt-in shared memory."""
+    defines = "".join(f"#define {k} {v}\n" for k, v in {"NAME": name, **macros}.items())
+    with torch.cuda.device(device):
+        kernel = torch.cuda._compile_kernel(defines + PRELUDE + source, name)
+        kernel.set_shared_memory_config(smem_limit(device))
+    return kernel
+
+
+def launch(kernel, x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float, nt: int,
+           grid: tuple, threads: int, smem: int) -> torch.Tensor:
+    """y (N, R) = x (N, C) W^T by ``kernel``, ``nt`` tokens a launch. Kernel arguments: x, y, the
+    main and salient band buffers, the col layout's non-salient mask, tokens, R, C, salient words,
+    main statistics groups, blocks, words per main group, the inverse-Haar constant."""
+    if x.data_ptr() % 4:  # the row kernels read x as pairs of 16-bit values
+        x = x.clone()
+    n, cols = x.shape
+    rows, row, bs = meta["rows"], meta["layout"] == "row", meta["blocksize"]
+    y = torch.empty(n, rows, device=x.device, dtype=x.dtype)
+    keep = rt["sal_cols"] if row else rt["ns_mask"]  # bool: one byte per column; unused for row
+    for i in range(0, n, nt):
+        xi, yi = x[i:i + nt], y[i:i + nt]
+        kernel(grid=grid, block=(threads, 1, 1), shared_mem=smem,
+               args=[xi, yi, rt["main_sign"], rt["main_member"], rt["main_stats"],
+                     rt["sal_sign"], rt["sal_member"], rt["sal_wgrp"], rt["sal_stats"], rt["sal_cols"],
+                     keep, xi.shape[0], rows, cols, rt["sal_wgrp"].numel(), rt["main_stats"].shape[1],
+                     cols // bs, bs // (64 if row else 32), float(c)])
+    return y
