@@ -113,7 +113,7 @@ def test_rigged_model_scores_one(model, tokenizer, tmp_path):
     gold labels our task files and YAMLs produce, and the result extraction)."""
     names = list(ZEROSHOT_TASKS)
     local.write_local_tasks(names, DATA, tmp_path)
-    task_objects = TaskManager(include_path=str(tmp_path)).load(names)["tasks"]
+    task_objects = TaskManager(include_path=str(tmp_path), include_defaults=False).load(names)["tasks"]
     lm = GoldLM(task_objects, pretrained=model, tokenizer=tokenizer, batch_size=8)
     res = zeroshot.evaluate_lm(lm, quick_cfg())
     for task in names:
