@@ -21,7 +21,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 import hbllm
 from hbllm.config import QuantConfig
-from hbllm.packed import cuda_gemv, cuda_mma, triton_kernels
+from hbllm.packed import cuda_gemv, cuda_lut, cuda_mma, triton_kernels
 from hbllm.packed.codes import dequantize, from_quantizer
 from hbllm.packed.format import linear_meta, pack_linear, tensor_bytes
 from hbllm.packed.module import PackedLinear
@@ -68,14 +68,15 @@ def copies(make, nbytes: int, l2: int):
     return [make() for _ in range(max(2, math.ceil(2 * l2 / nbytes)))]
 
 
-def tune(packs, l2: int) -> dict:
+def tune(packs, l2: int, only=None) -> dict:
     """Pick the launch configs by graph time summed over the shapes: the CUDA GEMV at batch 1,
     the tensor-core GEMV at batch 8, the Triton tl.dot tiles at batch 16."""
     mods = {k: copies(lambda: PackedLinear(p, m, device="cuda"), 8 << 20, l2) for k, (p, m) in packs.items()}
     xs = {b: {k: torch.randn(b, m["cols"], device="cuda", dtype=torch.float16)
               for k, (_, m) in packs.items()} for b in (1, 8, 16)}
-    kernel_of = {"gemv": "cuda", "mma": "mma", "mm": "triton"}
+    kernel_of = {"lut": "lut", "gemv": "cuda", "mma": "mma", "mm": "triton"}
     sweeps = {
+        (1, "lut"): (cuda_lut.CONFIG, [dict(warps=w, cb=cb) for w in (2, 4, 8, 16) for cb in (1, 2, 4)]),
         (1, "gemv"): (cuda_gemv.CONFIG,
                       [dict(warps=w, unroll=u) for w in (2, 4, 8, 16) for u in (2, 4, 8)]),
         (8, "mma"): (cuda_mma.CONFIG, [dict(ksplit=k) for k in (4, 8, 16)]),
@@ -85,6 +86,8 @@ def tune(packs, l2: int) -> dict:
     }
     chosen = {}
     for (batch, name), (target, configs) in sweeps.items():
+        if only and name not in only:
+            continue
         for ms in mods.values():
             for m in ms:
                 m.gemv = kernel_of[name]
@@ -116,7 +119,7 @@ def bench_layers(packs, codes, bw: float, l2: int) -> list:
             t_pk, t_fp = graph_time_us(pk, x), graph_time_us(w16, x)
             t_eager = 1e3 * do_bench(lambda: pk[0](x), rep=100, return_mode="median")
             t_alt = {}
-            for alt in ("cuda", "mma", "triton"):  # each few-token kernel alone (where it applies)
+            for alt in ("lut", "cuda", "mma", "triton"):  # each few-token kernel alone (where it applies)
                 for m in pk:
                     m.gemv = alt
                 t_alt[alt] = graph_time_us(pk, x)
@@ -125,7 +128,8 @@ def bench_layers(packs, codes, bw: float, l2: int) -> list:
             t_tr = t_alt["triton"]
             io = 2 * batch * (rows + cols)
             row = {"shape": f"{rows}x{cols}", "layer": label, "batch": batch, "fp16_us": t_fp,
-                   "packed_us": t_pk, "packed_triton_us": t_tr, "packed_simt_us": t_alt["cuda"], "packed_mma_us": t_alt["mma"], "packed_eager_us": t_eager,
+                   "packed_us": t_pk, "packed_triton_us": t_tr, "packed_lut_us": t_alt["lut"],
+                   "packed_simt_us": t_alt["cuda"], "packed_mma_us": t_alt["mma"], "packed_eager_us": t_eager,
                    "speedup": t_fp / t_pk,
                    "packed_GBps": (pk_bytes + io) / t_pk * 1e-3,
                    "fp16_GBps": (rows * cols * 2 + io) / t_fp * 1e-3,
@@ -216,7 +220,9 @@ def bench_7b(packs) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tune", action="store_true", help="sweep the kernels' tiles before timing")
+    ap.add_argument("--tune", nargs="*", default=None, metavar="KERNEL",
+                    help="sweep the kernels' launch configs before timing (all, or those named: "
+                         "lut gemv mma mm)")
     ap.add_argument("--skip-7b", action="store_true")
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args()
@@ -238,9 +244,9 @@ def main() -> None:
         report["quantize"][label] = {"seconds": secs, "bits_full": bits["full"],
                                      "bits_paper": bits["paper"], "bits_on_disk": disk_bits}
         print(label, json.dumps(report["quantize"][label]), flush=True)
-    if args.tune:
-        report["tuning"] = tune(packs, l2)
-    report["configs"] = {"mma": dict(cuda_mma.CONFIG), "gemv": dict(cuda_gemv.CONFIG),
+    if args.tune is not None:
+        report["tuning"] = tune(packs, l2, args.tune)
+    report["configs"] = {"lut": dict(cuda_lut.CONFIG), "mma": dict(cuda_mma.CONFIG), "gemv": dict(cuda_gemv.CONFIG),
                          "triton_gemv": dict(triton_kernels.GEMV_CONFIG),
                          "mm": dict(triton_kernels.MM_CONFIG)}
     report["layers"] = bench_layers(packs, codes_by_label, report["copy_GBps"] * 1e9, l2)
@@ -251,11 +257,11 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     print(f"\n{report['device']}, copy {report['copy_GBps']:.0f} GB/s, configs {report['configs']}")
-    print("| layer | shape | batch | fp16 us | packed us | (simt us) | (mma us) | (triton us) | speedup | packed GB/s | % copy BW | rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| layer | shape | batch | fp16 us | packed us | (lut us) | (simt us) | (mma us) | (triton us) | speedup | packed GB/s | % copy BW | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in report["layers"]:
         print(f"| {r['layer']} | {r['shape']} | {r['batch']} | {r['fp16_us']:.1f} | {r['packed_us']:.1f} "
-              f"| {r['packed_simt_us']:.1f} | {r['packed_mma_us']:.1f} | {r['packed_triton_us']:.1f} "
+              f"| {r['packed_lut_us']:.1f} | {r['packed_simt_us']:.1f} | {r['packed_mma_us']:.1f} | {r['packed_triton_us']:.1f} "
               f"| {r['speedup']:.2f}x | {r['packed_GBps']:.0f} | {100 * r['packed_bw_frac']:.0f}% "
               f"| {r['rel_err_vs_dequant']:.1e} |")
 

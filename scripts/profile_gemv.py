@@ -1,7 +1,10 @@
-"""Run the packed GEMV a few times on a 4096x4096 HBLLM-row layer (for ``ncu``):
+"""Run a few-token packed kernel (lut, cuda or mma; default lut) a few times on a 4096x4096
+HBLLM-row layer, batch 1 (for ``ncu``):
 
-    ncu --kernel-name regex:hbllm_gemv --launch-skip 3 --launch-count 1 python3 scripts/profile_gemv.py
+    ncu --kernel-name regex:hbllm_lut --launch-skip 3 --launch-count 1 python3 scripts/profile_gemv.py lut
 """
+import sys
+
 import torch
 
 from hbllm.packed.format import linear_meta, pack_linear
@@ -10,6 +13,7 @@ from hbllm.packed.synthetic import random_codes
 
 codes = random_codes("row", 4096, 4096, max_k=12, seed=0)
 mod = PackedLinear(pack_linear(codes), linear_meta(codes), device="cuda")
+mod.gemv = sys.argv[1] if len(sys.argv) > 1 else "lut"
 x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
 for _ in range(5):
     mod(x)

@@ -4,7 +4,7 @@ import torch
 
 from hbllm.packed.codes import dequantize
 from hbllm.packed.format import linear_meta, pack_linear
-from hbllm.packed import cuda_gemv, cuda_mma
+from hbllm.packed import cuda_gemv, cuda_lut, cuda_mma
 from hbllm.packed.module import GEMV_MAX_TOKENS, MMA_MAX_TOKENS, PackedLinear, triton_kernels
 from hbllm.packed.synthetic import random_codes
 
@@ -26,7 +26,7 @@ def test_triton_matches_dequantized(layout, shared, inverse, batch, dtype):
     x = torch.randn(batch, 512, device="cuda").to(dtype)
     ref = x.double() @ dequantize(codes).double().cuda().T + bias.double().cuda()
     tol = 4e-3 if dtype == torch.float16 else 1.6e-2
-    for gemv in ("auto", "mma", "cuda", "triton"):  # few-token kernels; tiles beyond their limits
+    for gemv in ("auto", "lut", "mma", "cuda", "triton"):  # few-token kernels; tiles beyond their limits
         mod.gemv = gemv
         y = mod(x)
         assert y.dtype == dtype and torch.isfinite(y).all()
@@ -37,14 +37,14 @@ def test_triton_matches_dequantized(layout, shared, inverse, batch, dtype):
 
 
 def test_auto_picks_each_kernel_by_tokens(monkeypatch):
-    assert cuda_gemv.available() and cuda_mma.available()
+    assert cuda_lut.available() and cuda_mma.available()
     codes = random_codes("row", 64, 256, seed=3)
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
     calls = []
-    for name, module in (("cuda", cuda_gemv), ("mma", cuda_mma)):
+    for name, module in (("lut", cuda_lut), ("mma", cuda_mma)):
         monkeypatch.setattr(module, "gemv", lambda x, *a, name=name: calls.append(name)
                             or torch.zeros(x.shape[0], 64, device="cuda"))
-    for n, want in ((1, "cuda"), (GEMV_MAX_TOKENS, "cuda"), (GEMV_MAX_TOKENS + 1, "mma"),
+    for n, want in ((1, "lut"), (GEMV_MAX_TOKENS, "lut"), (GEMV_MAX_TOKENS + 1, "mma"),
                     (MMA_MAX_TOKENS, "mma"), (MMA_MAX_TOKENS + 1, None)):
         calls.clear()
         mod(torch.randn(n, 256, device="cuda", dtype=torch.float16))
@@ -69,7 +69,7 @@ def test_cuda_gemv_large_shapes_chunk_tokens():
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
     x = torch.randn(8, codes.cols, device="cuda", dtype=torch.float16)
     ref = x.double() @ dequantize(codes).double().cuda().T
-    for gemv, n in (("mma", 8), ("cuda", 4)):
+    for gemv, n in (("mma", 8), ("cuda", 4), ("lut", 4)):
         mod.gemv = gemv
         assert ((mod(x[:n]).double() - ref[:n]).norm() / ref[:n].norm()).item() < 4e-3, gemv
 
@@ -79,9 +79,29 @@ def test_triton_3d_input_and_odd_rows_tile():
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
     x = torch.randn(2, 3, 256, device="cuda", dtype=torch.float16)
     ref = x.double() @ dequantize(codes).double().cuda().T
-    for gemv in ("mma", "cuda", "triton"):
+    for gemv in ("lut", "mma", "cuda", "triton"):
         mod.gemv = gemv
         for n in (1, 3):
             y = mod(x[:, :n])
             r = ref[:, :n]
             assert ((y.double() - r).norm() / r.norm()).item() < 4e-3, gemv
+
+
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("blocksize,cols", [(128, 384), (64, 320), (128, 11008)])
+@pytest.mark.parametrize("cb", [1, 2, 4])
+def test_lut_gemv_chunks_and_workspace(monkeypatch, layout, blocksize, cols, cb):
+    """Column chunks of ``cb`` blocks (a partial last chunk when cb does not divide the blocks),
+    blocksize 64 (scalar word loads), 70 rows (a partial tile), 1-4 tokens; calling again gives
+    the same output (the last block of a tile resets the shared workspace and counter)."""
+    monkeypatch.setitem(cuda_lut.CONFIG, "cb", cb)
+    codes = random_codes(layout, 70, cols, blocksize=blocksize, seed=cols + cb)
+    mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
+    mod.gemv = "lut"
+    x = torch.randn(4, cols, device="cuda", dtype=torch.float16)
+    ref = x.double() @ dequantize(codes).double().cuda().T
+    for n in (1, 2, 3, 4):
+        y = mod(x[:n])
+        assert ((y.double() - ref[:n]).norm() / ref[:n].norm()).item() < 4e-3, n
+        again = mod(x[:n]).double()  # atomics add in any order: equal up to rounding
+        assert ((again - y.double()).norm() / y.double().norm()).item() < 1e-3, n

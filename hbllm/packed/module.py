@@ -1,7 +1,7 @@
 """``PackedLinear``: a drop-in ``nn.Linear`` replacement that computes from packed codes.
 
 On CUDA, fp16/bf16 inputs of up to ``GEMV_MAX_TOKENS`` tokens (decoding) run the NVRTC-compiled
-GEMV of :mod:`hbllm.packed.cuda_gemv`, up to ``MMA_MAX_TOKENS`` the tensor-core GEMV of
+lookup-table GEMV of :mod:`hbllm.packed.cuda_lut`, up to ``MMA_MAX_TOKENS`` the tensor-core GEMV of
 :mod:`hbllm.packed.cuda_mma` (both layouts, one launch per 8 tokens); more tokens run
 :mod:`hbllm.packed.triton_kernels` (row layout: one fused ``tl.dot`` launch; col layout: two
 ``tl.dot`` band launches plus torch glue), which also serves few tokens where NVRTC is missing.
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..quant.haar import INVERSE
-from . import cuda_gemv, cuda_mma
+from . import cuda_gemv, cuda_lut, cuda_mma
 from .runtime import build_runtime, pair_output, salient_input, torch_forward
 
 try:  # Triton exists only where CUDA does; the CPU path never needs it.
@@ -24,7 +24,7 @@ try:  # Triton exists only where CUDA does; the CPU path never needs it.
 except ImportError:  # pragma: no cover - depends on the machine
     triton_kernels = None
 
-GEMV_MAX_TOKENS = 4  # up to this many tokens: the CUDA GEMV (cuda_gemv), fastest at 1-4 tokens
+GEMV_MAX_TOKENS = 4  # up to this many tokens: the lookup-table GEMV (cuda_lut)
 MMA_MAX_TOKENS = 16  # up to this many: the tensor-core GEMV (cuda_mma, 8 tokens a launch); then Triton
 
 
@@ -48,7 +48,8 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(device),
                                                            requires_grad=False)
         self.use_triton = True  # set False to force the torch path on CUDA (tests, benchmarks)
-        self.gemv = "auto"  # few-token kernel on CUDA: "auto", "cuda", "mma" or "triton" (benchmarks)
+        self.gemv = "auto"  # few-token kernel on CUDA: "auto", "lut", "cuda", "mma", "triton" (benchmarks)
+        self._scratch: dict = {}  # per-device workspace of the lookup-table GEMV
 
     def extra_repr(self) -> str:
         m = self.meta
@@ -76,7 +77,9 @@ class PackedLinear(nn.Module):
         c = INVERSE[m["inverse"]]
         n, sal_words = x.shape[0], rt["sal_wgrp"].numel()
         half = x.dtype in (torch.float16, torch.bfloat16)
-        if (self.gemv in ("auto", "cuda") and half and n <= GEMV_MAX_TOKENS and cuda_gemv.available()
+        if self.gemv in ("auto", "lut") and half and n <= GEMV_MAX_TOKENS and cuda_lut.available():
+            return cuda_lut.gemv(x, rt, m, c, self._scratch)
+        if (self.gemv == "cuda" and half and n <= GEMV_MAX_TOKENS and cuda_gemv.available()
                 and cuda_gemv.fits(m["cols"], sal_words, x.device)):
             return cuda_gemv.gemv(x, rt, m, c)
         if (self.gemv in ("auto", "mma") and half and n <= MMA_MAX_TOKENS and cuda_mma.available()

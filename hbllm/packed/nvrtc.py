@@ -8,7 +8,7 @@ its signature starts with the arguments :func:`launch` passes (see there).
 from __future__ import annotations
 
 import functools
-from typing import Dict
+from typing import Dict, Sequence
 
 import torch
 
@@ -60,10 +60,11 @@ def compile_kernel(source: str, name: str, device: int, **macros: int):
 
 
 def launch(kernel, x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float, nt: int,
-           grid: tuple, threads: int, smem: int) -> torch.Tensor:
+           grid: tuple, threads: int, smem: int, extra: Sequence = ()) -> torch.Tensor:
     """y (N, R) = x (N, C) W^T by ``kernel``, ``nt`` tokens a launch. Kernel arguments: x, y, the
     main and salient band buffers, the col layout's non-salient mask, tokens, R, C, salient words,
-    main statistics groups, blocks, words per main group, the inverse-Haar constant."""
+    main statistics groups, blocks, words per main group, the inverse-Haar constant, then
+    ``extra``."""
     if x.data_ptr() % 4:  # the row kernels read x as pairs of 16-bit values
         x = x.clone()
     n, cols = x.shape
@@ -76,5 +77,5 @@ def launch(kernel, x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: 
                args=[xi, yi, rt["main_sign"], rt["main_member"], rt["main_stats"],
                      rt["sal_sign"], rt["sal_member"], rt["sal_wgrp"], rt["sal_stats"], rt["sal_cols"],
                      keep, xi.shape[0], rows, cols, rt["sal_wgrp"].numel(), rt["main_stats"].shape[1],
-                     cols // bs, bs // (64 if row else 32), float(c)])
+                     cols // bs, bs // (64 if row else 32), float(c), *extra])
     return y

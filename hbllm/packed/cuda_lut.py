@@ -1,0 +1,294 @@
+"""Decode-time (1-4 tokens) packed linear with lookup tables, compiled at first use with NVRTC.
+
+Per statistics group of a band row, with 0/1 sign and group bits ``s, g`` and the row's
+``[m0, a0, m1, a1]``, the coefficient is ``w = m_g + a_g (2s - 1)``, so
+
+    sum_t w_t z_t = (m0 - a0) Z + (m1 - m0 + a0 - a1) Z_g + 2 a0 Z_s + 2 (a1 - a0) Z_sg
+
+with ``Z`` the sum of the group's inputs and ``Z_g, Z_s, Z_sg`` the sums where ``g``, ``s``,
+``s & g`` are set. A block first writes, for every 4 consecutive inputs of its column chunk, the
+16 sums of their subsets (fp32, shared memory); a masked sum over 4 coefficients is then one
+table read, so a coefficient costs about 3/4 of an instruction per mask instead of bit tests,
+selects and an FMA. The 32 lanes of a warp are 32 band rows reading the same table, whose 16
+entries lie in 16 distinct banks: the reads never conflict.
+
+Grid: (tiles of ``warps x 16`` row pairs, column chunks of ``cb`` quantization blocks). A warp
+owns 16 row pairs (32 output rows) of one chunk; lanes are band rows -- the output rows
+``2p0 + lane`` for the row layout's main band, the pairs' low (lanes 0-15) and high (16-31) rows
+otherwise -- and shuffles combine them into output rows. With several chunks, blocks add their
+partial outputs into a float32 workspace; the last block of a tile (a counter per tile) writes
+the fp16/bf16 output and zeroes the workspace and counter for the next call, so one launch does
+it all (calls on one layer must not overlap in time: they share the workspace). The float32
+partial sums arrive in any order, so two calls may differ in the last bit of the output.
+
+Buffers are those of :func:`hbllm.packed.runtime.build_runtime` plus, per layer and device, the
+first salient word of each quantization block, the workspace and the counters (``scratch``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict
+
+import torch
+
+from . import nvrtc
+
+MAX_TOKENS = 4
+# Launch config: warps (16-pair tiles) per block, quantization blocks per column chunk.
+# Best of ``scripts/bench_kernel.py --tune`` on an H100 (experiments/benchmarks/RESULTS.md).
+CONFIG = {"warps": 4, "cb": 2}
+
+_SOURCE = r"""
+#define WPB (BS / 32)                 // words per quantization block
+#define WC (CB * WPB)                 // main words per column chunk
+#define GW (ROW ? BS / 64 : BS / 32)  // main words per statistics group
+#define NGC (WC / GW)                 // main groups per chunk
+#define POS (WC * 8)                  // main table positions (4 inputs each) per token
+__device__ __forceinline__ float h2f(unsigned h) {
+  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h)); return f;
+}
+// acc += the group's masked sums weighted by the row's statistics t = [m0, a0, m1, a1] (fp16)
+__device__ __forceinline__ void fold(float* acc, uint2 t, float* z, float* zg, float* zs, float* zx) {
+  const float m0 = h2f(t.x & 0xffff), a0 = h2f(t.x >> 16), m1 = h2f(t.y & 0xffff), a1 = h2f(t.y >> 16);
+  const float k0 = m0 - a0, k1 = m1 - m0 + a0 - a1, k2 = 2.f * a0, k3 = 2.f * (a1 - a0);
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    acc[n] += k0 * z[n] + k1 * zg[n] + k2 * zs[n] + k3 * zx[n];
+    z[n] = zg[n] = zs[n] = zx[n] = 0.f;
+  }
+}
+// byte offset of nibble k of word v in a 16-float table
+__device__ __forceinline__ unsigned nib(unsigned v, int k) {
+  return (k == 0 ? v << 2 : v >> (4 * k - 2)) & 0x3cu;
+}
+// masked sums of one word (s, g) against tables tb (word's 8 positions x 16, per token tstride)
+__device__ __forceinline__ void word(unsigned s, unsigned g, const float* tb, const float* tw,
+    int tstride, int wstride, float* z, float* zg, float* zs, float* zx) {
+  const unsigned x = s & g;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const unsigned is = nib(s, k), ig = nib(g, k), ix = nib(x, k);
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const char* t = reinterpret_cast<const char*>(tb + n * tstride + 16 * k);
+      zs[n] += *reinterpret_cast<const float*>(t + is);
+      zg[n] += *reinterpret_cast<const float*>(t + ig);
+      zx[n] += *reinterpret_cast<const float*>(t + ix);
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n) z[n] += tw[n * wstride];
+}
+// tables of 4-input subset sums: position p of token n holds v0..v3 -> 16 sums, word totals by
+// an 8-lane shuffle (a word is 8 consecutive positions); v(n, j) gives input j of the range
+template <typename F>
+__device__ __forceinline__ void tables(float* tb, float* tw, int N, int npos, int npos_all, F v) {
+  for (int base = 0; base < NT * npos_all; base += blockDim.x) {
+    const int t = base + threadIdx.x, n = t / npos_all, p = t - n * npos_all;
+    float z0 = 0.f, z1 = 0.f, z2 = 0.f, z3 = 0.f;
+    if (n < N && p < npos) { z0 = v(n, 4 * p); z1 = v(n, 4 * p + 1); z2 = v(n, 4 * p + 2); z3 = v(n, 4 * p + 3); }
+    if (n < NT) {
+      const float a1 = z0 + z1, a2 = z0 + z2, a3 = z1 + z2, a4 = a1 + z2;
+      float4* o = reinterpret_cast<float4*>(tb + (size_t)t * 16);
+      o[0] = make_float4(0.f, z0, z1, a1);
+      o[1] = make_float4(z2, a2, a3, a4);
+      o[2] = make_float4(z3, z0 + z3, z1 + z3, a1 + z3);
+      o[3] = make_float4(z2 + z3, a2 + z3, a3 + z3, a4 + z3);
+    }
+    float sum = z0 + z1 + z2 + z3;
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+    if (n < NT && (p & 7) == 0) tw[n * (npos_all >> 3) + (p >> 3)] = sum;
+  }
+}
+extern "C" __global__ void NAME(const u16* __restrict__ x, u16* __restrict__ y,
+    const unsigned* __restrict__ ms, const unsigned* __restrict__ mm, const uint2* __restrict__ mst,
+    const unsigned* __restrict__ ss, const unsigned* __restrict__ sm, const int* __restrict__ sgrp,
+    const uint2* __restrict__ sst, const int* __restrict__ sc, const unsigned char* __restrict__ keep,
+    int N, int R, int C, int SW, int G, int NB, int WPG, double cd,
+    const int* __restrict__ sfirst, float* __restrict__ ws, unsigned* __restrict__ cnt, int SMAX) {
+  extern __shared__ float4 smem4[];
+  float* tm = reinterpret_cast<float*>(smem4);  // [NT][POS][16] main tables
+  float* tsl = tm + NT * POS * 16;              // [NT][SMAX * 8][16] salient tables
+  float* tmw = tsl + NT * SMAX * 128;           // [NT][WC] main word totals
+  float* tsw = tmw + NT * WC;                   // [NT][SMAX] salient word totals
+  const float c = (float)cd;
+  const int lane = threadIdx.x & 31, P = R >> 1, W = C >> 5;
+  const int p0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 16;  // first pair of the warp
+  const int cb0 = blockIdx.y * CB, ncb = min(CB, NB - cb0);
+  const int w0 = cb0 * WPB, nw = ncb * WPB;
+  const int prow = min(p0 + (lane & 15), P - 1) + (lane >> 4) * P;  // pair-band row: low / high
+#if ROW
+  const int mrow = min(2 * p0 + lane, R - 1);
+#else
+  const int mrow = prow;
+#endif
+  // this lane's words and statistics, in flight while the tables are built
+  unsigned s[WC], g[WC];
+  uint2 tg[NGC];
+#pragma unroll
+  for (int i = 0; i < WC; i += 4) {
+    if (i < nw) {
+#if VEC
+      const uint4 a = *reinterpret_cast<const uint4*>(ms + (size_t)mrow * W + w0 + i);
+      const uint4 b = *reinterpret_cast<const uint4*>(mm + (size_t)mrow * W + w0 + i);
+      s[i] = a.x; s[i + 1] = a.y; s[i + 2] = a.z; s[i + 3] = a.w;
+      g[i] = b.x; g[i + 1] = b.y; g[i + 2] = b.z; g[i + 3] = b.w;
+#else
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        s[i + u] = i + u < nw ? ms[(size_t)mrow * W + w0 + i + u] : 0u;
+        g[i + u] = i + u < nw ? mm[(size_t)mrow * W + w0 + i + u] : 0u;
+      }
+#endif
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < NGC; ++i)
+    if (i * GW < nw) tg[i] = mst[(size_t)mrow * G + w0 / GW + i];
+  int sf[CB + 1];
+#pragma unroll
+  for (int b = 0; b <= CB; ++b) sf[b] = sfirst[cb0 + min(b, ncb)];
+  const int sw0 = sf[0], nsw = sf[CB] - sw0;
+  unsigned s1[CB], g1[CB];  // first salient word of each block (most blocks have one)
+  uint2 ts[CB];
+#pragma unroll
+  for (int b = 0; b < CB; ++b) {
+    if (b < ncb) {
+      ts[b] = sst[(size_t)prow * NB + cb0 + b];
+      s1[b] = sf[b] < sf[b + 1] ? ss[(size_t)prow * SW + sf[b]] : 0u;
+      g1[b] = sf[b] < sf[b + 1] ? sm[(size_t)prow * SW + sf[b]] : 0u;
+    }
+  }
+  // tables: main inputs of the chunk (row layout: the Haar domain), x at its salient slots
+  tables(tm, tmw, N, nw * 8, POS, [&](int n, int j) -> float {
+    const u16* xn = x + (size_t)n * C;
+#if ROW
+    const int b = j / BS, k = j - b * BS, h = k >= BS / 2, kk = k - h * (BS / 2);
+    const unsigned two = reinterpret_cast<const unsigned*>(xn)[((cb0 + b) * BS >> 1) + kk];
+    const float e = ld((u16)(two & 0xffff)), o = ld((u16)(two >> 16));
+    return c * (h ? e - o : e + o);
+#else
+    const int col = w0 * 32 + j;
+    return keep[col] ? ld(xn[col]) : 0.f;
+#endif
+  });
+  tables(tsl, tsw, N, nsw * 8, SMAX * 8, [&](int n, int j) -> float {
+    const int col = sc[sw0 * 32 + j];
+    return col >= 0 ? ld(x[(size_t)n * C + col]) : 0.f;
+  });
+  __syncthreads();
+  float am[NT], as[NT], z[NT], zg[NT], zs[NT], zx[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) am[n] = as[n] = z[n] = zg[n] = zs[n] = zx[n] = 0.f;
+#pragma unroll
+  for (int i = 0; i < WC; ++i) {
+    if (i < nw) {
+      word(s[i], g[i], tm + i * 128, tmw + i, POS * 16, WC, z, zg, zs, zx);
+      if ((i + 1) % GW == 0) fold(am, tg[i / GW], z, zg, zs, zx);
+    }
+  }
+#pragma unroll
+  for (int b = 0; b < CB; ++b) {
+    if (b < ncb) {
+      for (int w = sf[b]; w < sf[b + 1]; ++w) {
+        const unsigned sw = w == sf[b] ? s1[b] : ss[(size_t)prow * SW + w];
+        const unsigned gw = w == sf[b] ? g1[b] : sm[(size_t)prow * SW + w];
+        word(sw, gw, tsl + (w - sw0) * 128, tsw + (w - sw0), SMAX * 128, SMAX, z, zg, zs, zx);
+      }
+      fold(as, ts[b], z, zg, zs, zx);
+    }
+  }
+  // lanes -> output rows 2 p0 + lane: (lo + hi, lo - hi) of pair lane / 2 (+ main row)
+  float out[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+#if ROW
+    const float u = as[n];
+#else
+    const float u = am[n] + as[n];
+#endif
+    const float lo = __shfl_sync(0xffffffffu, u, lane >> 1), hi = __shfl_sync(0xffffffffu, u, 16 + (lane >> 1));
+    out[n] = c * ((lane & 1) ? lo - hi : lo + hi);
+#if ROW
+    out[n] += am[n];
+#endif
+  }
+  const int row = 2 * p0 + lane;
+  if (gridDim.y == 1) {
+    if (row < R)
+#pragma unroll
+      for (int n = 0; n < NT; ++n) if (n < N) y[(size_t)n * R + row] = st(out[n]);
+    return;
+  }
+  if (row < R)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) if (n < N) atomicAdd(ws + (size_t)n * R + row, out[n]);
+  __threadfence();
+  __syncthreads();
+  bool last = false;  // (no static shared memory: the launch opts in to all of it dynamically)
+  if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1u) == gridDim.y - 1;
+  if (!__syncthreads_or(last)) return;
+  __threadfence();
+  if (row < R)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) if (n < N) y[(size_t)n * R + row] = st(atomicExch(ws + (size_t)n * R + row, 0.f));
+  if (threadIdx.x == 0) cnt[blockIdx.x] = 0u;
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(row: bool, nt: int, bf16: bool, bs: int, cb: int, vec: bool, device: int):
+    name = f"hbllm_lut_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}_{cb}_{int(vec)}"
+    return nvrtc.compile_kernel(_SOURCE, name, device, ROW=int(row), NT=nt, DT=int(bf16), BS=bs,
+                                CB=cb, VEC=int(vec))
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether the NVRTC kernel compiles here (CUDA, PyTorch >= 2.9)."""
+    if not nvrtc.supported():
+        return False
+    try:
+        _kernel(True, 1, False, 128, CONFIG["cb"], True, torch.cuda.current_device())
+        return True
+    except Exception:  # no NVRTC, an old driver, ...: the other kernels stay in use
+        return False
+
+
+def _scratch(rt: Dict[str, torch.Tensor], meta: dict, device: torch.device, cb: int, tiles: int,
+             scratch: dict) -> dict:
+    """Per layer, device and chunking: first salient word per block (NB + 1,), the largest
+    salient word count of a chunk, a zeroed float32 workspace and tile counters."""
+    key = (str(device), cb, tiles)
+    if key not in scratch:
+        nb = meta["cols"] // meta["blocksize"]
+        sfirst = torch.searchsorted(rt["sal_wgrp"].long(), torch.arange(nb + 1, device=device))
+        ends = sfirst[torch.clamp(torch.arange(0, nb, cb, device=device) + cb, max=nb)]
+        smax = int((ends - sfirst[0:nb:cb]).max()) if nb else 0
+        scratch[key] = {"sfirst": sfirst.to(torch.int32), "smax": max(smax, 1),
+                        "ws": torch.zeros(MAX_TOKENS * meta["rows"], device=device),
+                        "cnt": torch.zeros(tiles, device=device, dtype=torch.int32)}
+    return scratch[key]
+
+
+def gemv(x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float,
+         scratch: dict) -> torch.Tensor:
+    """y (N, R) = x (N, C) W^T for few tokens, fp16 or bf16, x contiguous on CUDA. ``scratch``:
+    a dict the caller keeps per layer (workspace and index, built at the first call)."""
+    n, cols = x.shape
+    warps, cb = CONFIG["warps"], CONFIG["cb"]
+    bs, row = meta["blocksize"], meta["layout"] == "row"
+    pairs = meta["rows"] // 2
+    tiles = (pairs + 16 * warps - 1) // (16 * warps)
+    sc = _scratch(rt, meta, x.device, cb, tiles, scratch)
+    nt = 1 << (min(n, MAX_TOKENS).bit_length() - 1)  # 1, 2 or 4 tokens per launch
+    vec = (cols // 32) % 4 == 0 and (bs // 32) % 4 == 0
+    kernel = _kernel(row, nt, x.dtype == torch.bfloat16, bs, cb, vec, nvrtc.device_index(x.device))
+    words = cb * bs // 32
+    smem = 4 * nt * (words * 8 * 16 + words + sc["smax"] * (128 + 1))
+    grid = (tiles, (cols // bs + cb - 1) // cb, 1)
+    return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
+                        extra=[sc["sfirst"], sc["ws"], sc["cnt"], sc["smax"]])
