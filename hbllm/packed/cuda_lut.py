@@ -145,8 +145,17 @@ extern "C" __global__ void NAME(const u16* __restrict__ x, u16* __restrict__ y,
     }
   }
 #pragma unroll
-  for (int i = 0; i < NGC; ++i)
-    if (i * GW < nw) tg[i] = mst[(size_t)mrow * G + w0 / GW + i];
+  for (int i = 0; i < NGC; i += 1 + SVEC) {
+    if (i * GW < nw) {
+#if SVEC  // two groups per 16-byte load
+      const uint4 t = *reinterpret_cast<const uint4*>(mst + (size_t)mrow * G + w0 / GW + i);
+      tg[i] = make_uint2(t.x, t.y);
+      tg[i + 1] = make_uint2(t.z, t.w);
+#else
+      tg[i] = mst[(size_t)mrow * G + w0 / GW + i];
+#endif
+    }
+  }
   int sf[CB + 1];
 #pragma unroll
   for (int b = 0; b <= CB; ++b) sf[b] = sfirst[cb0 + min(b, ncb)];
@@ -156,7 +165,15 @@ extern "C" __global__ void NAME(const u16* __restrict__ x, u16* __restrict__ y,
 #pragma unroll
   for (int b = 0; b < CB; ++b) {
     if (b < ncb) {
+#if SVEC
+      if (b % 2 == 0) {
+        const uint4 t = *reinterpret_cast<const uint4*>(sst + (size_t)prow * NB + cb0 + b);
+        ts[b] = make_uint2(t.x, t.y);
+        if (b + 1 < CB) ts[b + 1] = make_uint2(t.z, t.w);
+      }
+#else
       ts[b] = sst[(size_t)prow * NB + cb0 + b];
+#endif
       s1[b] = sf[b] < sf[b + 1] ? ss[(size_t)prow * SW + sf[b]] : 0u;
       g1[b] = sf[b] < sf[b + 1] ? sm[(size_t)prow * SW + sf[b]] : 0u;
     }
@@ -240,10 +257,11 @@ extern "C" __global__ void NAME(const u16* __restrict__ x, u16* __restrict__ y,
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(row: bool, nt: int, bf16: bool, bs: int, cb: int, vec: bool, device: int):
-    name = f"hbllm_lut_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}_{cb}_{int(vec)}"
+def _kernel(row: bool, nt: int, bf16: bool, bs: int, cb: int, vec: bool, svec: bool, device: int):
+    name = (f"hbllm_lut_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}_{cb}"
+            f"_{int(vec)}{int(svec)}")
     return nvrtc.compile_kernel(_SOURCE, name, device, ROW=int(row), NT=nt, DT=int(bf16), BS=bs,
-                                CB=cb, VEC=int(vec))
+                                CB=cb, VEC=int(vec), SVEC=int(svec))
 
 
 @functools.lru_cache(maxsize=None)
@@ -252,7 +270,7 @@ def available() -> bool:
     if not nvrtc.supported():
         return False
     try:
-        _kernel(True, 1, False, 128, CONFIG["cb"], True, torch.cuda.current_device())
+        _kernel(True, 1, False, 128, CONFIG["cb"], True, True, torch.cuda.current_device())
         return True
     except Exception:  # no NVRTC, an old driver, ...: the other kernels stay in use
         return False
@@ -285,10 +303,14 @@ def gemv(x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float,
     tiles = (pairs + 16 * warps - 1) // (16 * warps)
     sc = _scratch(rt, meta, x.device, cb, tiles, scratch)
     nt = 1 << (min(n, MAX_TOKENS).bit_length() - 1)  # 1, 2 or 4 tokens per launch
-    vec = (cols // 32) % 4 == 0 and (bs // 32) % 4 == 0
-    kernel = _kernel(row, nt, x.dtype == torch.bfloat16, bs, cb, vec, nvrtc.device_index(x.device))
+    nb = cols // bs
+    vec = (cols // 32) % 4 == 0 and (bs // 32) % 4 == 0  # 16-byte loads of 4 words
+    # 16-byte loads of 2 statistics groups: even groups per row and per chunk, even chunk starts
+    groups_per_chunk = cb * (2 if row else 1)
+    svec = nb % 2 == 0 and cb % 2 == 0 and groups_per_chunk % 2 == 0
+    kernel = _kernel(row, nt, x.dtype == torch.bfloat16, bs, cb, vec, svec, nvrtc.device_index(x.device))
     words = cb * bs // 32
     smem = 4 * nt * (words * 8 * 16 + words + sc["smax"] * (128 + 1))
-    grid = (tiles, (cols // bs + cb - 1) // cb, 1)
+    grid = (tiles, (nb + cb - 1) // cb, 1)
     return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
                         extra=[sc["sfirst"], sc["ws"], sc["cnt"], sc["smax"]])
