@@ -51,6 +51,20 @@ def test_torch_forward_matches_dequantized_matmul(layout, shared, inverse, batch
     assert (y - ref).norm() / ref.norm() < 1e-5
 
 
+@pytest.mark.parametrize("layout", ["row", "col"])
+def test_salient_words_of_each_block(layout):
+    """``sal_first[b]`` .. ``sal_first[b+1]-1`` are the salient words of block b, ceil(k/32) of them
+    (k up to the whole block; block 0 has none)."""
+    codes = random_codes(layout, 8, 512, max_k=128, seed=4, zero_k_block=True)
+    rt = build_runtime(pack_linear(codes), linear_meta(codes))
+    counts = torch.tensor([len(b.salient) for b in codes.blocks])
+    words = rt["sal_first"].diff()
+    assert words.tolist() == ((counts + 31) // 32).tolist() and words[0] == 0
+    assert rt["sal_first"][0] == 0 and rt["sal_first"][-1] == rt["sal_wgrp"].numel()
+    for b in range(len(codes.blocks)):
+        assert (rt["sal_wgrp"][rt["sal_first"][b]:rt["sal_first"][b + 1]] == b).all()
+
+
 def test_dequantize_independent_of_band_form():
     """Columns of W rebuilt from the band path equal the block-wise reconstruction."""
     codes = random_codes("row", 8, 128, seed=3)

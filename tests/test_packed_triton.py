@@ -92,10 +92,12 @@ def test_triton_3d_input_and_odd_rows_tile():
 @pytest.mark.parametrize("cb", [1, 2, 4])
 def test_lut_gemv_chunks_and_workspace(monkeypatch, layout, blocksize, cols, cb):
     """Column chunks of ``cb`` blocks (a partial last chunk when cb does not divide the blocks),
-    blocksize 64 (scalar word loads), 70 rows (a partial tile), 1-4 tokens; calling again gives
+    blocksize 64 (scalar word loads), 70 rows (a partial tile), 1-4 tokens, blocks with up to
+    blocksize/32 salient words (the tables' capacity); calling again gives
     the same output (the last block of a tile resets the shared workspace and counter)."""
     monkeypatch.setitem(cuda_lut.CONFIG, "cb", cb)
-    codes = random_codes(layout, 70, cols, blocksize=blocksize, seed=cols + cb)
+    codes = random_codes(layout, 70, cols, blocksize=blocksize, seed=cols + cb,
+                         max_k=blocksize - 1)  # up to blocksize/32 salient words in a block
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
     mod.gemv = "lut"
     x = torch.randn(4, cols, device="cuda", dtype=torch.float16)
@@ -105,3 +107,23 @@ def test_lut_gemv_chunks_and_workspace(monkeypatch, layout, blocksize, cols, cb)
         assert ((y.double() - ref[:n]).norm() / ref[:n].norm()).item() < 4e-3, n
         again = mod(x[:n]).double()  # atomics add in any order: equal up to rounding
         assert ((again - y.double()).norm() / y.double().norm()).item() < 1e-3, n
+
+
+def test_lut_gemv_first_call_inside_graph_capture():
+    """The workspace is made at a layer's first call without a host sync, so that call may be
+    captured in a CUDA graph; replays compute the layer."""
+    codes = random_codes("row", 256, 1024, seed=11)
+    packed, meta = pack_linear(codes), linear_meta(codes)
+    warm = PackedLinear(packed, meta).cuda()  # compiles the kernel outside the capture
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+    warm(x)
+    mod = PackedLinear(packed, meta).cuda()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = mod(x)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        ref = x.double() @ dequantize(codes).double().cuda().T
+        graph.replay()
+        torch.cuda.synchronize()
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3

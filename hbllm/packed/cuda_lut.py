@@ -22,7 +22,9 @@ it all (calls on one layer must not overlap in time: they share the workspace). 
 partial sums arrive in any order, so two calls may differ in the last bit of the output.
 
 Buffers are those of :func:`hbllm.packed.runtime.build_runtime` plus, per layer and device, the
-first salient word of each quantization block, the workspace and the counters (``scratch``).
+workspace and the counters (``scratch``, zeroed at the first call: no host synchronization, so the
+first call may also happen inside CUDA-graph capture). ``scratch["sal_words"]``, the most salient
+words of a block (set by ``PackedLinear``), sizes the salient tables (default: blocksize / 32).
 """
 from __future__ import annotations
 
@@ -81,15 +83,16 @@ __device__ __forceinline__ void word(unsigned s, unsigned g, const float* tb, co
 }
 // tables of 4-input subset sums: position p of token n holds v0..v3 -> 16 sums, word totals by
 // an 8-lane shuffle (a word is 8 consecutive positions); v(n, j) gives input j of the range
+// (npos positions are filled, a multiple of 8; the token stride is npos_all)
 template <typename F>
 __device__ __forceinline__ void tables(float* tb, float* tw, int N, int npos, int npos_all, F v) {
-  for (int base = 0; base < NT * npos_all; base += blockDim.x) {
-    const int t = base + threadIdx.x, n = t / npos_all, p = t - n * npos_all;
+  for (int base = 0; base < NT * npos; base += blockDim.x) {
+    const int t = base + threadIdx.x, n = t / max(npos, 1), p = t - n * npos;
     float z0 = 0.f, z1 = 0.f, z2 = 0.f, z3 = 0.f;
-    if (n < N && p < npos) { z0 = v(n, 4 * p); z1 = v(n, 4 * p + 1); z2 = v(n, 4 * p + 2); z3 = v(n, 4 * p + 3); }
+    if (n < N) { z0 = v(n, 4 * p); z1 = v(n, 4 * p + 1); z2 = v(n, 4 * p + 2); z3 = v(n, 4 * p + 3); }
     if (n < NT) {
       const float a1 = z0 + z1, a2 = z0 + z2, a3 = z1 + z2, a4 = a1 + z2;
-      float4* o = reinterpret_cast<float4*>(tb + (size_t)t * 16);
+      float4* o = reinterpret_cast<float4*>(tb + ((size_t)n * npos_all + p) * 16);
       o[0] = make_float4(0.f, z0, z1, a1);
       o[1] = make_float4(z2, a2, a3, a4);
       o[2] = make_float4(z3, z0 + z3, z1 + z3, a1 + z3);
@@ -276,18 +279,11 @@ def available() -> bool:
         return False
 
 
-def _scratch(rt: Dict[str, torch.Tensor], meta: dict, device: torch.device, cb: int, tiles: int,
-             scratch: dict) -> dict:
-    """Per layer, device and chunking: first salient word per block (NB + 1,), the largest
-    salient word count of a chunk, a zeroed float32 workspace and tile counters."""
-    key = (str(device), cb, tiles)
+def _scratch(meta: dict, device: torch.device, tiles: int, scratch: dict) -> dict:
+    """Per layer and device: a zeroed float32 workspace (MAX_TOKENS x rows) and tile counters."""
+    key = (str(device), tiles)
     if key not in scratch:
-        nb = meta["cols"] // meta["blocksize"]
-        sfirst = torch.searchsorted(rt["sal_wgrp"].long(), torch.arange(nb + 1, device=device))
-        ends = sfirst[torch.clamp(torch.arange(0, nb, cb, device=device) + cb, max=nb)]
-        smax = int((ends - sfirst[0:nb:cb]).max()) if nb else 0
-        scratch[key] = {"sfirst": sfirst.to(torch.int32), "smax": max(smax, 1),
-                        "ws": torch.zeros(MAX_TOKENS * meta["rows"], device=device),
+        scratch[key] = {"ws": torch.zeros(MAX_TOKENS * meta["rows"], device=device),
                         "cnt": torch.zeros(tiles, device=device, dtype=torch.int32)}
     return scratch[key]
 
@@ -295,13 +291,13 @@ def _scratch(rt: Dict[str, torch.Tensor], meta: dict, device: torch.device, cb: 
 def gemv(x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float,
          scratch: dict) -> torch.Tensor:
     """y (N, R) = x (N, C) W^T for few tokens, fp16 or bf16, x contiguous on CUDA. ``scratch``:
-    a dict the caller keeps per layer (workspace and index, built at the first call)."""
+    a dict the caller keeps per layer (workspace and counters, zeroed at the first call)."""
     n, cols = x.shape
     warps, cb = CONFIG["warps"], CONFIG["cb"]
     bs, row = meta["blocksize"], meta["layout"] == "row"
     pairs = meta["rows"] // 2
     tiles = (pairs + 16 * warps - 1) // (16 * warps)
-    sc = _scratch(rt, meta, x.device, cb, tiles, scratch)
+    sc = _scratch(meta, x.device, tiles, scratch)
     nt = 1 << (min(n, MAX_TOKENS).bit_length() - 1)  # 1, 2 or 4 tokens per launch
     nb = cols // bs
     vec = (cols // 32) % 4 == 0 and (bs // 32) % 4 == 0  # 16-byte loads of 4 words
@@ -310,7 +306,8 @@ def gemv(x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float,
     svec = nb % 2 == 0 and cb % 2 == 0 and groups_per_chunk % 2 == 0
     kernel = _kernel(row, nt, x.dtype == torch.bfloat16, bs, cb, vec, svec, nvrtc.device_index(x.device))
     words = cb * bs // 32
-    smem = 4 * nt * (words * 8 * 16 + words + sc["smax"] * (128 + 1))
+    smax = min(words, cb * scratch.get("sal_words", bs // 32))  # salient words of a chunk, at most
+    smem = 4 * nt * (words + smax) * (8 * 16 + 1)  # main and salient tables, word totals
     grid = (tiles, (nb + cb - 1) // cb, 1)
     return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
-                        extra=[sc["sfirst"], sc["ws"], sc["cnt"], sc["smax"]])
+                        extra=[rt["sal_first"], sc["ws"], sc["cnt"], smax])

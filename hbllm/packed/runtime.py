@@ -51,7 +51,8 @@ def build_runtime(t: Dict[str, torch.Tensor], meta: dict) -> Dict[str, torch.Ten
     Bands: ``{main,sal}_sign``/``_member`` int32 words (R, W), ``_wgrp`` int32 (W,) statistics
     group of each word, ``_stats`` fp16 (R, G, 4). ``ns_mask`` bool (C,) (col layout only).
     ``sal_cols`` int32 (32 W_sal,): x column of each salient slot, -1 for padding; the salient
-    columns of a block fill ceil(k/32) words of their own.
+    columns of a block fill ceil(k/32) words of their own, words ``sal_first[b] .. sal_first[b+1]-1``
+    (int32, (blocks + 1,)).
     """
     rows, cols, bs = meta["rows"], meta["cols"], meta["blocksize"]
     nblk, half = cols // bs, rows // 2
@@ -88,6 +89,7 @@ def build_runtime(t: Dict[str, torch.Tensor], meta: dict) -> Dict[str, torch.Ten
     sal_cols[slot] = sal_global.to(torch.int32)
     out["sal_cols"] = sal_cols
     out["sal_wgrp"] = torch.repeat_interleave(torch.arange(nblk, device=dev), nwords).to(torch.int32)
+    out["sal_first"] = torch.cat([first, first[-1:] + nwords[-1:]]).to(torch.int32)
     for key in ("sign", "member"):
         bits = unpackbits(t[f"{key}_sal"], (2, half, k_total))
         full = torch.zeros(2, half, n_sal * 32, dtype=torch.bool, device=dev)
