@@ -34,12 +34,8 @@ _SOURCE = r"""
 #define ZS 36
 // (m0 - a0, m0 + a0, m1 - a1, m1 + a1) from fp16 stats [m0, a0, m1, a1]
 __device__ __forceinline__ float4 vals(uint2 s) {
-  float m0, a0, m1, a1;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(m0) : "h"((u16)(s.x & 0xffff)));
-  asm("cvt.f32.f16 %0, %1;" : "=f"(a0) : "h"((u16)(s.x >> 16)));
-  asm("cvt.f32.f16 %0, %1;" : "=f"(m1) : "h"((u16)(s.y & 0xffff)));
-  asm("cvt.f32.f16 %0, %1;" : "=f"(a1) : "h"((u16)(s.y >> 16)));
-  return make_float4(m0 - a0, m0 + a0, m1 - a1, m1 + a1);
+  const float4 t = stats4(s);
+  return make_float4(t.x - t.y, t.x + t.y, t.z - t.w, t.z + t.w);
 }
 // acc[n] += sum_t w_t z[n][t] over the 32 coefficients of word (s, g)
 __device__ __forceinline__ void word(float* acc, unsigned s, unsigned g, float4 v,
@@ -89,11 +85,7 @@ __device__ __forceinline__ void compute(const Batch& B, float* acc0, float* acc1
     }
   }
 }
-extern "C" __global__ void NAME(const u16* __restrict__ x, u16* __restrict__ y,
-    const unsigned* __restrict__ ms, const unsigned* __restrict__ mm, const uint2* __restrict__ mst,
-    const unsigned* __restrict__ ss, const unsigned* __restrict__ sm, const int* __restrict__ sg,
-    const uint2* __restrict__ sst, const int* __restrict__ sc, const unsigned char* __restrict__ keep,
-    int N, int R, int C, int SW, int G, int NB, int WPG, double cd) {
+extern "C" __global__ void NAME(PACKED_ARGS) {
   extern __shared__ float4 smem4[];
   const int W = C >> 5;
   float* z = reinterpret_cast<float*>(smem4);  // [NT][W][ZS] main input
@@ -147,7 +139,7 @@ extern "C" __global__ void NAME(const u16* __restrict__ x, u16* __restrict__ y,
     load(B, ms, mm, mst, nullptr, WPG, r0, r1, W, G, w0);
   }
   for (int w0 = lane; w0 < SW; w0 += 32 * U) {
-    load(B, ss, sm, sst, sg, 1, p, p + P, SW, NB, w0);
+    load(B, ss, sm, sst, sgrp, 1, p, p + P, SW, NB, w0);
     compute(B, lo, hi, zs, SW * ZS, SW, w0);
   }
 #pragma unroll

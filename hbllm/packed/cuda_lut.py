@@ -46,12 +46,10 @@ _SOURCE = r"""
 #define GW (ROW ? BS / 64 : BS / 32)  // main words per statistics group
 #define NGC (WC / GW)                 // main groups per chunk
 #define POS (WC * 8)                  // main table positions (4 inputs each) per token
-__device__ __forceinline__ float h2f(unsigned h) {
-  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h)); return f;
-}
 // acc += the group's masked sums weighted by the row's statistics t = [m0, a0, m1, a1] (fp16)
 __device__ __forceinline__ void fold(float* acc, uint2 t, float* z, float* zg, float* zs, float* zx) {
-  const float m0 = h2f(t.x & 0xffff), a0 = h2f(t.x >> 16), m1 = h2f(t.y & 0xffff), a1 = h2f(t.y >> 16);
+  const float4 v = stats4(t);
+  const float m0 = v.x, a0 = v.y, m1 = v.z, a1 = v.w;
   const float k0 = m0 - a0, k1 = m1 - m0 + a0 - a1, k2 = 2.f * a0, k3 = 2.f * (a1 - a0);
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
@@ -105,12 +103,8 @@ __device__ __forceinline__ void tables(float* tb, float* tw, int N, int npos, in
     if (n < NT && (p & 7) == 0) tw[n * (npos_all >> 3) + (p >> 3)] = sum;
   }
 }
-extern "C" __global__ void NAME(const u16* __restrict__ x, u16* __restrict__ y,
-    const unsigned* __restrict__ ms, const unsigned* __restrict__ mm, const uint2* __restrict__ mst,
-    const unsigned* __restrict__ ss, const unsigned* __restrict__ sm, const int* __restrict__ sgrp,
-    const uint2* __restrict__ sst, const int* __restrict__ sc, const unsigned char* __restrict__ keep,
-    int N, int R, int C, int SW, int G, int NB, int WPG, double cd,
-    const int* __restrict__ sfirst, float* __restrict__ ws, unsigned* __restrict__ cnt, int SMAX) {
+extern "C" __global__ void NAME(PACKED_ARGS, const int* __restrict__ sfirst, float* __restrict__ ws,
+                                unsigned* __restrict__ cnt, int SMAX) {
   extern __shared__ float4 smem4[];
   float* tm = reinterpret_cast<float*>(smem4);  // [NT][POS][16] main tables
   float* tsl = tm + NT * POS * 16;              // [NT][SMAX * 8][16] salient tables

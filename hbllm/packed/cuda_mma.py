@@ -35,9 +35,6 @@ _SOURCE = r"""
 #define ONE 0x3F803F80u
 #define MMA_T "bf16"
 #endif
-__device__ __forceinline__ float h2f(unsigned h) {
-  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h)); return f;
-}
 __device__ __forceinline__ void mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_T "." MMA_T ".f32 "
                "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -80,7 +77,8 @@ __device__ __forceinline__ void flush(float* out, Acc& A, uint2 t0, uint2 t1) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const uint2 t = h ? t1 : t0;
-    const float m0 = h2f(t.x & 0xffff), a0 = h2f(t.x >> 16), m1 = h2f(t.y & 0xffff), a1 = h2f(t.y >> 16);
+    const float4 v = stats4(t);
+    const float m0 = v.x, a0 = v.y, m1 = v.z, a1 = v.w;
     const float mid = 0.5f * (m0 + m1), amid = 0.5f * (a0 + a1), dm = 0.5f * (m1 - m0), da = 0.5f * (a1 - a0);
 #pragma unroll
     for (int j = 2 * h; j < 2 * h + 2; ++j)
@@ -130,11 +128,7 @@ __device__ __forceinline__ void band2(float* o1, float* o2, const unsigned* __re
     }
   }
 }
-extern "C" __global__ void NAME(const u16* __restrict__ x, u16* __restrict__ y,
-    const unsigned* __restrict__ ms, const unsigned* __restrict__ mm, const uint2* __restrict__ mst,
-    const unsigned* __restrict__ ss, const unsigned* __restrict__ sm, const int* __restrict__ sgrp,
-    const uint2* __restrict__ sst, const int* __restrict__ sc, const unsigned char* __restrict__ keep,
-    int N, int R, int C, int SW, int G, int NB, int WPG, double cd) {
+extern "C" __global__ void NAME(PACKED_ARGS) {
   extern __shared__ unsigned smem[];
   const int W = C >> 5, P = R >> 1, KS = blockDim.x >> 5;
   const int ZR = (C >> 1) + 4, ZSR = SW * 16 + 4;  // u32 per token row (the +4 spreads the banks)

@@ -3,7 +3,8 @@ compile step and the launch over token chunks with the compute buffers of
 :func:`hbllm.packed.runtime.build_runtime`.
 
 A kernel source defines ``NAME`` and is compiled with ``DT`` (0 fp16, 1 bf16) plus its own macros;
-its signature starts with the arguments :func:`launch` passes (see there).
+its signature is ``NAME(PACKED_ARGS)``, the arguments :func:`launch` passes (see there), followed
+by the ``extra`` ones it takes.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Dict, Sequence
 
 import torch
 
-# u16 storage of fp16/bf16 values and their float conversions (no CUDA headers needed).
+# u16 storage of fp16/bf16 values and their float conversions (no CUDA headers needed), the
+# fp16 statistics of a row group, and the kernel parameters in the order :func:`launch` passes them.
 PRELUDE = r"""
 typedef unsigned short u16;
 __device__ __forceinline__ float ld(u16 h) {
@@ -31,6 +33,18 @@ __device__ __forceinline__ u16 st(float f) {
 #endif
   return h;
 }
+__device__ __forceinline__ float h2f(unsigned h) {  // fp16 whatever DT (the statistics)
+  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h)); return f;
+}
+// a row group's statistics [m0, a0, m1, a1] (fp16, 8 bytes) as floats
+__device__ __forceinline__ float4 stats4(uint2 t) {
+  return make_float4(h2f(t.x & 0xffff), h2f(t.x >> 16), h2f(t.y & 0xffff), h2f(t.y >> 16));
+}
+#define PACKED_ARGS const u16* __restrict__ x, u16* __restrict__ y, \
+    const unsigned* __restrict__ ms, const unsigned* __restrict__ mm, const uint2* __restrict__ mst, \
+    const unsigned* __restrict__ ss, const unsigned* __restrict__ sm, const int* __restrict__ sgrp, \
+    const uint2* __restrict__ sst, const int* __restrict__ sc, const unsigned char* __restrict__ keep, \
+    int N, int R, int C, int SW, int G, int NB, int WPG, double cd
 """
 
 
