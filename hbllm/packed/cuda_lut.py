@@ -23,8 +23,9 @@ partial sums arrive in any order, so two calls may differ in the last bit of the
 
 Buffers are those of :func:`hbllm.packed.runtime.build_runtime` plus, per layer and device, the
 workspace and the counters (``scratch``, zeroed at the first call: no host synchronization, so the
-first call may also happen inside CUDA-graph capture). ``scratch["sal_words"]``, the most salient
-words of a block (set by ``PackedLinear``), sizes the salient tables (default: blocksize / 32).
+first call may also happen inside CUDA-graph capture). ``scratch["block_sal_words"]``, the most
+salient words of a block (set by ``PackedLinear``), sizes the salient tables (default:
+blocksize / 32).
 """
 from __future__ import annotations
 
@@ -300,7 +301,7 @@ def gemv(x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float,
     svec = nb % 2 == 0 and cb % 2 == 0 and groups_per_chunk % 2 == 0
     kernel = _kernel(row, nt, x.dtype == torch.bfloat16, bs, cb, vec, svec, nvrtc.device_index(x.device))
     words = cb * bs // 32
-    smax = min(words, cb * scratch.get("sal_words", bs // 32))  # salient words of a chunk, at most
+    smax = min(words, cb * scratch.get("block_sal_words", bs // 32))  # salient words of a chunk, at most
     smem = 4 * nt * (words + smax) * (8 * 16 + 1)  # main and salient tables, word totals
     grid = (tiles, (nb + cb - 1) // cb, 1)
     return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,

@@ -49,8 +49,8 @@ class PackedLinear(nn.Module):
                                                            requires_grad=False)
         self.use_triton = True  # set False to force the torch path on CUDA (tests, benchmarks)
         self.gemv = "auto"  # few-token kernel on CUDA: "auto", "lut", "cuda", "mma", "triton" (benchmarks)
-        sal_words = int(self.sal_first.diff().max()) if self.sal_first.numel() > 1 else 0
-        self._scratch: dict = {"sal_words": sal_words}  # the lookup-table GEMV's sizes, workspace
+        most = int(self.sal_first.diff().max()) if self.sal_first.numel() > 1 else 0
+        self._scratch: dict = {"block_sal_words": most}  # the lookup-table GEMV's sizes, workspace
 
     def extra_repr(self) -> str:
         m = self.meta
