@@ -57,12 +57,12 @@ class Tracker:
     """A W&B run (or nothing when disabled). ``resolved``: the full resolved config dict."""
 
     def __init__(self, cfg: RunConfig, resolved: Dict[str, Any], run_dir: Path, key: str):
-        import wandb
-
         self.mode = effective_mode(cfg.logger.mode)
         self.run = None
         if self.mode == "disabled":
-            return
+            return  # wandb is not even imported
+        import wandb
+
         wdir = Path(cfg.logger.dir or run_dir)
         wdir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity,
