@@ -1,4 +1,5 @@
-"""Installing hbllm as a stranger would: W&B off needs no wandb; a built wheel runs from anywhere."""
+"""Installing hbllm as a stranger would: W&B off needs no wandb, lm-eval's private loader fails
+clearly, a built wheel runs from anywhere."""
 import importlib.util
 import json
 import os
@@ -17,7 +18,8 @@ SOURCES = sorted((REPO / "hbllm").glob("*.py"))
 TINY_RUN = ["model=tiny-llama", "quant=sign", "logger=disabled", "device=cpu",
             "calib=text_files", "calib.files=[" + ",".join(map(str, SOURCES[::2])) + "]",
             "calib.nsamples=2", "calib.seqlen=64",
-            "eval.datasets=[text_files]", "data.eval_files=[" + ",".join(map(str, SOURCES[1::2])) + "]",
+            "eval.datasets=[text_files]",
+            "data.eval_files=[" + ",".join(map(str, SOURCES[1::2])) + "]",
             "eval.seqlen=64", "eval.max_windows=2"]
 
 # As if wandb were not installed: ``import wandb`` raises ModuleNotFoundError and
@@ -55,8 +57,8 @@ def test_logger_disabled_runs_without_wandb(tmp_path):
     probe = subprocess.run([sys.executable, "-c", NO_WANDB + "import wandb"], env=env,
                            capture_output=True, text=True, timeout=60)
     assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr  # the guard works
-    out = subprocess.run([sys.executable, "-c", NO_WANDB + RUN_APP, *TINY_RUN, f"hydra.run.dir={tmp_path}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-c", NO_WANDB + RUN_APP, *TINY_RUN, f"hydra.run.dir={tmp_path}"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     _check_run(out, tmp_path)
 
 
@@ -93,3 +95,12 @@ def test_wheel_installed_in_a_fresh_venv_runs_from_elsewhere(tmp_path):
     out = subprocess.run([str(env_dir / "bin" / "hbllm"), *TINY_RUN, f"hydra.run.dir={run_dir}"],
                          cwd=run_dir, env=_env(), capture_output=True, text=True, timeout=300)
     _check_run(out, run_dir)
+
+
+def test_lm_eval_without_its_yaml_loader_fails_with_the_version_to_install(monkeypatch):
+    from hbllm.tasks import local
+
+    assert local.template("piqa")["task"] == "piqa"
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks._yaml_loader", None)  # as a later lm-eval
+    with pytest.raises(ImportError, match=r"lm-eval==0\.4\.13"):
+        local.template("piqa")

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import yaml
-from lm_eval.tasks._yaml_loader import load_yaml
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
 FORMATS = (("jsonl", "json"), ("parquet", "parquet"))  # (file suffix, datasets builder)
@@ -35,6 +34,21 @@ def template(task: str, resolve_functions: bool = False) -> dict:
     path = TEMPLATE_DIR / f"{task}.yaml"
     if not path.is_file():
         raise KeyError(f"no air-gapped template for task {task!r}; available: {local_task_names()}")
+    return load_task_yaml(path, resolve_functions)
+
+
+def load_task_yaml(path: Path, resolve_functions: bool = False) -> dict:
+    """A task YAML as lm-eval reads it (``include`` merged, ``!function`` tags). lm-eval has no
+    public loader for one file, so this is the one place hbllm uses its private
+    ``lm_eval.tasks._yaml_loader`` (lm-eval 0.4.13); another version fails here, clearly."""
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError as err:
+        from importlib.metadata import version
+
+        raise ImportError("hbllm reads lm-eval task YAMLs with lm_eval.tasks._yaml_loader."
+                          f"load_yaml of lm-eval 0.4.13, which lm-eval {version('lm-eval')} "
+                          "does not have: pip install 'lm-eval==0.4.13'") from err
     return load_yaml(path, resolve_func=resolve_functions)
 
 
