@@ -63,7 +63,7 @@ def test_logger_disabled_runs_without_wandb(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="conf/ not yet inside the package")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="conf/ not yet inside the package")
 def test_wheel_installed_in_a_fresh_venv_runs_from_elsewhere(tmp_path):
     """Build a wheel from a copy of the sources, install it (no dependencies: the venv sees the
     system site-packages, so nothing is downloaded) and run a tiny job from another directory."""
