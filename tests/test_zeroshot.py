@@ -245,7 +245,7 @@ def test_mirror_writes_the_layout_we_read(tmp_path, monkeypatch):
 
     def fake_hub(path, name=None, split=None):
         asked.append((path, name, split))
-        task = {"allenai/ai2_arc": "arc_easy", "baber/piqa": "piqa"}[path]
+        task = {"allenai/ai2_arc": "arc_easy", "baber/piqa": "piqa", "aps/super_glue": "copa"}[path]
         file = DATA / task / f"{split}.jsonl"
         return real_load("json", data_files=str(file), split="train")
 
@@ -253,12 +253,12 @@ def test_mirror_writes_the_layout_we_read(tmp_path, monkeypatch):
     with pytest.raises(KeyError, match="no air-gapped template"):
         mirror.main([str(tmp_path), "piqa", "mmlu"])
     assert asked == []
-    mirror.main([str(tmp_path), "arc_easy"])
+    mirror.main([str(tmp_path), "arc_easy", "copa"])
     mirror.main([str(tmp_path), "piqa", "--fewshot"])
-    assert asked == [("allenai/ai2_arc", "ARC-Easy", "test"), ("baber/piqa", None, "validation"),
-                     ("baber/piqa", None, "train")]
+    assert asked == [("allenai/ai2_arc", "ARC-Easy", "test"), ("aps/super_glue", "copa", "validation"),
+                     ("baber/piqa", None, "validation"), ("baber/piqa", None, "train")]
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.jsonl")) == \
-        ["arc_easy/test.jsonl", "piqa/train.jsonl", "piqa/validation.jsonl"]
+        ["arc_easy/test.jsonl", "copa/validation.jsonl", "piqa/train.jsonl", "piqa/validation.jsonl"]
     written = [json.loads(line) for line in open(tmp_path / "arc_easy" / "test.jsonl")]
     assert written == [json.loads(line) for line in open(DATA / "arc_easy" / "test.jsonl")]
     assert local.local_task_config(tmp_path, "piqa", num_fewshot=3)["training_split"] == "train"
