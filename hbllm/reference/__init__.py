@@ -67,7 +67,8 @@ def _load(path: str) -> Tuple[Published, ...]:
             raise ValueError(f"{path}: columns {reader.fieldnames}, expected {list(COLUMNS)}")
         for i, r in enumerate(reader, start=2):
             if not (r["source"].startswith("arXiv:") and r["model"] and r["method"] and r["value"]):
-                raise ValueError(f"{path} line {i}: needs source (arXiv:<id> ...), model, method, value")
+                raise ValueError(f"{path} line {i}: needs source (arXiv:<id> ...), model, method "
+                                 "and value")
             rows.append(Published(r["paper"], r["source"], r["model"], r["method"], r["dataset"],
                                   r["metric"], float(r["bits"]) if r["bits"] else None,
                                   float(r["value"]), r["note"]))
@@ -78,7 +79,8 @@ def protocol_matches(config: dict) -> bool:
     """Whether a run's resolved config (results.json ``config``) follows the papers' protocol:
     calibration on C4, 128 sequences of 2048 tokens; perplexity windows of 2048 tokens over the
     whole test sets, no BOS; zero-shot 0-shot on whole tasks."""
-    model, calib, ev = config.get("model") or {}, config.get("calib") or {}, config.get("eval") or {}
+    model, calib = config.get("model") or {}, config.get("calib") or {}
+    ev = config.get("eval") or {}
     zs = ev.get("zeroshot") or {}
     seqlen = model.get("seqlen")
     return (calib.get("name") == PAPER_PROTOCOL["calib"]
@@ -111,7 +113,8 @@ def our_value(results: dict, row: Published) -> Optional[float]:
     return (zs.get(row.dataset) or {}).get(row.metric)
 
 
-def matching(results: dict, rows: Optional[List[Published]] = None) -> List[Tuple[Published, Optional[float]]]:
+def matching(results: dict, rows: Optional[List[Published]] = None
+             ) -> List[Tuple[Published, Optional[float]]]:
     """``(published, ours)`` for every published number of the run's model and method (and
     fp16), when the run followed the papers' protocol; ``ours`` is None where not measured."""
     rows = load() if rows is None else rows
@@ -141,9 +144,10 @@ def format_published(results: dict, rows: Optional[List[Published]] = None) -> s
     lines = []
     for row, ours in matching(results, rows):
         what = f"{row.dataset} {row.metric}"
-        mine = "" if ours is None else f"   ours {ours:.4g}  ratio {ours / row.value:.3f}"
+        mine = "" if ours is None else f"   ours {ours:<8.4g} ratio {ours / row.value:.3f}"
         bits = f", {row.bits:g} bits" if row.bits is not None else ""
-        lines.append(f"  {row.method:<10} {what:<18} {row.value:<8g}{mine}   ({row.paper}, {row.source}{bits})")
+        lines.append(f"  {row.method:<10} {what:<18} {row.value:<8g}{mine}   "
+                     f"({row.paper}, {row.source}{bits})")
     if not lines:
         return ""
     return "published (same model, method and protocol):\n" + "\n".join(lines)
