@@ -71,16 +71,24 @@ def format_table(results: Dict[str, Any]) -> str:
         rows.append((f"ppl {d}", _fmt(base.get(d)), _fmt(ppl.get(d))))
     zs, bzs = results.get("zeroshot", {}), results.get("baseline_zeroshot", {})
     for task in dict.fromkeys([*bzs, *zs]):
-        get = (lambda r: r.get(task, {}).get("acc")) if task != "average" else \
-            (lambda r: r.get("average"))
-        rows.append((f"acc {task}", _fmt(get(bzs)), _fmt(get(zs))))
+        if task == "average":
+            metric = zs.get("average_metric", bzs.get("average_metric", "acc"))
+            rows.append((f"average {metric}", _fmt(bzs.get(task)), _fmt(zs.get(task))))
+        elif isinstance(zs.get(task, bzs.get(task)), dict):  # acc and acc_norm where the task has it
+            for m in ("acc", "acc_norm"):
+                if any(m in r.get(task, {}) for r in (zs, bzs)):
+                    rows.append((f"{m} {task}", _fmt(bzs.get(task, {}).get(m)),
+                                 _fmt(zs.get(task, {}).get(m))))
     bits = results.get("bits")
     if bits:
         rows.append(("bits/weight paper|full", "", f"{bits['paper']:.3f} | {bits['full']:.3f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    from .reference import format_published
+
+    published = format_published(results)  # the papers' numbers for this model, method, protocol
+    return "\n".join(lines + ([published] if published else []))
 
 
 def _fmt(v) -> str:

@@ -19,8 +19,10 @@ DTYPES = ("float16", "bfloat16", "float32")
 CALIB_SETS = ("c4", "wikitext2", "ptb", "wiki_sample", "text_files")
 EVAL_SETS = ("c4", "wikitext2", "ptb", "wiki_sample", "text_files")
 LOGGER_MODES = ("online", "offline", "disabled")
+# the nine tasks of the HBLLM paper (arXiv 2512.00862), whose AvgQA is their unweighted mean
 ZEROSHOT_TASKS = ("piqa", "boolq", "openbookqa", "winogrande", "arc_easy", "arc_challenge",
-                  "hellaswag", "rte", "lambada_openai")
+                  "hellaswag", "copa", "lambada_openai")
+ZEROSHOT_AVERAGES = ("acc", "acc_norm_if_any")
 
 
 def _choice(name: str, value: Any, allowed) -> None:
@@ -149,6 +151,8 @@ class ZeroShotConfig:
     local_dir: air-gapped mirror ``<local_dir>/<task>/<split>.jsonl`` (docs/zeroshot.md).
     bootstrap_iters: lm-eval bootstrap resamples for stderrs without a closed form
     (lambada perplexity; acc stderrs are closed-form); 0 skips all stderrs.
+    average: the metric averaged over tasks: ``acc`` (the HBLLM paper's AvgQA) or
+    ``acc_norm_if_any`` (``acc_norm`` where a task has it, else ``acc``); both are stored.
     """
 
     enabled: bool = False
@@ -158,8 +162,10 @@ class ZeroShotConfig:
     num_fewshot: int = 0
     local_dir: Optional[str] = None
     bootstrap_iters: int = 100000
+    average: str = "acc"
 
     def __post_init__(self) -> None:
+        _choice("eval.zeroshot.average", self.average, ZEROSHOT_AVERAGES)
         _positive("eval.zeroshot.batch_size", self.batch_size)
         _positive("eval.zeroshot.limit", self.limit, allow_none=True)
         if self.num_fewshot < 0:

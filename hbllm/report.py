@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
+from hbllm.reference import report_columns
+
 RESULTS = "results.json"
 # config subtrees that differ between runs without being a swept experiment parameter
 _CONFIG_NOISE = ("logger", "name", "data", "device")
@@ -154,6 +156,7 @@ def run_row(run: Run) -> Dict[str, object]:
     for task, m in zs.items():
         if isinstance(m, dict) and "acc" in m:
             row[f"zs_{task}_acc"] = m["acc"]
+    row.update(report_columns(r))  # pub_<metric>, ratio_<metric>: the paper's number, ours/it
     for k, v in (r.get("timing") or {}).items():
         row[k] = v
     if r.get("error"):
@@ -174,15 +177,18 @@ def _fmt(col: str, v: object) -> str:
     if v is None or (isinstance(v, float) and pd.isna(v)):
         return "-"
     if isinstance(v, float):
-        if col.startswith("bits"):
+        if col.startswith(("bits", "ratio_")):
             return f"{v:.3f}"
-        if col.startswith("zs") or col == "zeroshot_avg":
+        if col.startswith("zs") or col.endswith("zeroshot_avg") or col.startswith("pub_zs"):
             return f"{v:.4f}"
         return f"{v:.2f}"
     return str(v)
 
 
 def _header(col: str) -> str:
+    for prefix, title in (("pub_", "published "), ("ratio_", "ours/published ")):
+        if col.startswith(prefix):
+            return title + _header(col[len(prefix):])
     for prefix, title in (("baseline_ppl_", "fp16 ppl "), ("ppl_", "ppl "), ("bits_", "bits ")):
         if col.startswith(prefix):
             return title + col[len(prefix):]
@@ -201,7 +207,9 @@ def _metric_columns(df: pd.DataFrame) -> List[str]:
     ppl = sorted(c for c in df.columns if c.startswith("ppl_"))
     base = sorted(c for c in df.columns if c.startswith("baseline_ppl_"))
     extra = [c for c in ("zeroshot_avg", "quantize_s") if c in df.columns]
-    return ["bits_paper", "bits_full", *ppl, *base, *extra]
+    published = [f"{p}{c}" for c in [*ppl, "zeroshot_avg"] for p in ("pub_", "ratio_")
+                 if f"{p}{c}" in df.columns]  # hbllm/reference: same model, method, protocol
+    return ["bits_paper", "bits_full", *ppl, *base, *extra, *published]
 
 
 def _slug(name: str) -> str:

@@ -29,6 +29,7 @@ PRESETS = {
     "methods": ("quant", ["fp16", "sign", "billm", "hbllm_row", "hbllm_col"]),
     "gemma3_study": ("quant", ["fp16", "hbllm_row", "billm", "sign", "hbllm_col",
                                "hbllm_row_shared", "hbllm_col_shared"]),
+    "paper_table1": ("quant", ["fp16", "billm", "hbllm_row", "hbllm_col"]),  # test_zeroshot_paper
 }
 
 

@@ -93,8 +93,9 @@ def test_nine_tasks_local_mirror(model, tokenizer, capsys):
     t0 = time.time()
     res = zeroshot.run_zeroshot(model, tokenizer, cfg, "cpu")
     elapsed = time.time() - t0
-    tasks = [k for k in res if k != "average"]
-    assert sorted(tasks) == sorted(ZEROSHOT_TASKS)
+    tasks = list(zeroshot.task_rows(res))
+    assert tasks == list(ZEROSHOT_TASKS) and "copa" in tasks and "rte" not in tasks
+    assert set(res) == {*tasks, "average", "average_metric"} and res["average_metric"] == "acc"
     for task in tasks:
         n = sum(1 for _ in open(local.find_split(DATA, task, local.eval_split(local.template(task)))[0]))
         assert res[task]["samples"] == n
@@ -121,6 +122,7 @@ def test_rigged_model_scores_one(model, tokenizer, tmp_path):
         assert res[task].get("acc_norm", 1.0) == 1.0, task
     assert res["lambada_openai"]["perplexity"] == pytest.approx(1.0)
     assert res["average"] == 1.0
+    assert res["copa"]["samples"] == 4  # both cause and effect questions, gold from the label
 
 
 def test_limit_and_parquet(model, tokenizer, tmp_path):
@@ -133,7 +135,7 @@ def test_limit_and_parquet(model, tokenizer, tmp_path):
     shutil.copytree(DATA / "rte", tmp_path / "rte")
     res = zeroshot.run_zeroshot(model, tokenizer, quick_cfg(tasks=["arc_easy", "rte"], limit=2,
                                                             local_dir=str(tmp_path)), "cpu")
-    assert set(res) == {"arc_easy", "rte", "average"}
+    assert set(res) == {"arc_easy", "rte", "average", "average_metric"}
     assert res["arc_easy"]["samples"] == 2 and res["rte"]["samples"] == 2
     assert local.local_task_config(tmp_path, "arc_easy")["dataset_path"] == "parquet"
 
@@ -191,6 +193,8 @@ def test_bad_config_errors(model, tokenizer, tmp_path):
         zeroshot.run_zeroshot(model, tokenizer, quick_cfg(tasks=["rte", "no_such_task"]), "cpu")
     with pytest.raises(ValueError, match="bootstrap_iters"):
         ZeroShotConfig(bootstrap_iters=-1)
+    with pytest.raises(ValueError, match="eval.zeroshot.average"):
+        ZeroShotConfig(average="acc_norm")
 
 
 def test_summary_flattens_lm_eval_output():
@@ -219,8 +223,15 @@ def test_summary_flattens_lm_eval_output():
                             "exact_match_stderr_strict-match": 0.01}
     assert "my_group" not in res
     assert res["average"] == pytest.approx((0.75 + 0.25 + 0.125) / 3)
+    assert res["average_metric"] == "acc"
     with pytest.raises(ValueError, match="accuracy-like"):
         zeroshot.summarize(out | {"higher_is_better": {}})
+    # acc_norm where a task has it (piqa), acc elsewhere; both metrics stay in the rows
+    norm = zeroshot.summarize(out, "acc_norm_if_any")
+    assert norm["average"] == pytest.approx((0.5 + 0.25 + 0.125) / 3)
+    assert norm["average_metric"] == "acc_norm_if_any" and norm["piqa"] == res["piqa"]
+    with pytest.raises(ValueError, match="acc_norm_if_any"):
+        zeroshot.summarize(out, "acc_norm")
 
 
 def test_mirror_writes_the_layout_we_read(tmp_path, monkeypatch):
@@ -234,7 +245,7 @@ def test_mirror_writes_the_layout_we_read(tmp_path, monkeypatch):
 
     def fake_hub(path, name=None, split=None):
         asked.append((path, name, split))
-        task = {"allenai/ai2_arc": "arc_easy", "baber/piqa": "piqa"}[path]
+        task = {"allenai/ai2_arc": "arc_easy", "baber/piqa": "piqa", "aps/super_glue": "copa"}[path]
         file = DATA / task / f"{split}.jsonl"
         return real_load("json", data_files=str(file), split="train")
 
@@ -242,12 +253,12 @@ def test_mirror_writes_the_layout_we_read(tmp_path, monkeypatch):
     with pytest.raises(KeyError, match="no air-gapped template"):
         mirror.main([str(tmp_path), "piqa", "mmlu"])
     assert asked == []
-    mirror.main([str(tmp_path), "arc_easy"])
+    mirror.main([str(tmp_path), "arc_easy", "copa"])
     mirror.main([str(tmp_path), "piqa", "--fewshot"])
-    assert asked == [("allenai/ai2_arc", "ARC-Easy", "test"), ("baber/piqa", None, "validation"),
-                     ("baber/piqa", None, "train")]
+    assert asked == [("allenai/ai2_arc", "ARC-Easy", "test"), ("aps/super_glue", "copa", "validation"),
+                     ("baber/piqa", None, "validation"), ("baber/piqa", None, "train")]
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.jsonl")) == \
-        ["arc_easy/test.jsonl", "piqa/train.jsonl", "piqa/validation.jsonl"]
+        ["arc_easy/test.jsonl", "copa/validation.jsonl", "piqa/train.jsonl", "piqa/validation.jsonl"]
     written = [json.loads(line) for line in open(tmp_path / "arc_easy" / "test.jsonl")]
     assert written == [json.loads(line) for line in open(DATA / "arc_easy" / "test.jsonl")]
     assert local.local_task_config(tmp_path, "piqa", num_fewshot=3)["training_split"] == "train"

@@ -23,7 +23,8 @@ def test_app_records_quantized_and_baseline_zeroshot(tmp_path, capsys):
     assert stored == json.loads(json.dumps(results)) and stored["status"] == "done"
     for section in ("zeroshot", "baseline_zeroshot"):
         zs = stored[section]
-        assert set(zs) == {*TASKS, "average"}, section
+        assert set(zs) == {*TASKS, "average", "average_metric"}, section
+        assert zs["average_metric"] == "acc"  # eval.zeroshot.average, the paper's convention
         assert zs["average"] == pytest.approx(sum(zs[t]["acc"] for t in TASKS) / len(TASKS))
         assert {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"} <= set(zs["piqa"])
         assert "perplexity" in zs["lambada_openai"]
@@ -61,3 +62,6 @@ def test_app_records_quantized_and_baseline_zeroshot(tmp_path, capsys):
     assert json.loads(saved.read_text()) == stored
     printed = capsys.readouterr().out
     assert "winogrande" in printed and f"{stored['zeroshot']['average']:.4f}" in printed
+    # the run's own table: acc and acc_norm where the task has both, the averaged metric named
+    assert "acc_norm piqa" in printed and "acc winogrande" in printed and "average acc" in printed
+    assert "acc_norm winogrande" not in printed

@@ -8,10 +8,13 @@ and when the hub cannot be reached the run fails at once naming ``eval.zeroshot.
 Result (stored as ``zeroshot`` / ``baseline_zeroshot`` in results.json)::
 
     {<task>: {"acc": .., "acc_stderr": .., "acc_norm": .., "acc_norm_stderr": ..,
-              "perplexity": .. (lambada), "samples": n}, "average": mean task score}
+              "perplexity": .. (lambada), "samples": n},
+     "average": mean task score, "average_metric": "acc" | "acc_norm_if_any"}
 
-A task's score is its ``acc`` (for other tasks: their first higher-is-better metric); the
-average is the unweighted mean of the leaf tasks' scores.
+A task's score (``cfg.average``): ``acc`` -> its ``acc`` (the HBLLM paper's AvgQA convention);
+``acc_norm_if_any`` -> its ``acc_norm`` where the task has one, else its ``acc``. A task with
+neither scores its first higher-is-better metric. The average is the unweighted mean of the leaf
+tasks' scores.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import urllib.request
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional
 
-from hbllm.config import ZeroShotConfig
+from hbllm.config import ZEROSHOT_AVERAGES, ZeroShotConfig
 from hbllm.tasks import local
 
 log = logging.getLogger(__name__)
@@ -55,8 +58,9 @@ def evaluate_lm(lm, cfg: ZeroShotConfig) -> dict:
                               limit=cfg.limit, task_manager=manager, log_samples=False,
                               bootstrap_iters=cfg.bootstrap_iters)
     print(make_table(out))
-    summary = summarize(out)
-    print(f"zero-shot average ({len(summary) - 1} tasks): {summary['average']:.4f}")
+    summary = summarize(out, cfg.average)
+    print(f"zero-shot average of {cfg.average} ({len(task_rows(summary))} tasks): "
+          f"{summary['average']:.4f}")
     return summary
 
 
@@ -96,12 +100,17 @@ def _task_manager(cfg: ZeroShotConfig) -> Iterator[Any]:
         yield manager
 
 
-def summarize(out: dict) -> dict:
-    """lm-eval's ``simple_evaluate`` output -> ``{task: {metric: value}, "average": float}``.
+def summarize(out: dict, average: str = "acc") -> dict:
+    """lm-eval's ``simple_evaluate`` output -> ``{task: {metric: value}, "average": float,
+    "average_metric": average}``.
 
     Metric keys ``"acc,none"`` become ``acc`` (other filters: ``acc_<filter>``); non-numeric
-    values (``"N/A"`` stderr) are dropped; group rows are skipped (leaf tasks only).
+    values (``"N/A"`` stderr) are dropped; group rows are skipped (leaf tasks only). Every
+    metric is kept (``acc`` and ``acc_norm`` both); ``average`` picks the one averaged
+    (:data:`hbllm.config.ZEROSHOT_AVERAGES`, see the module docstring).
     """
+    if average not in ZEROSHOT_AVERAGES:
+        raise ValueError(f"average={average!r} is not one of {list(ZEROSHOT_AVERAGES)}")
     groups = set(out.get("groups", {}))
     summary: Dict[str, dict] = {}
     scores: List[float] = []
@@ -114,7 +123,7 @@ def summarize(out: dict) -> dict:
             if filt and isinstance(value, (int, float)) and not isinstance(value, bool):
                 out_key = name if filt == "none" else f"{name}_{filt}"
                 row[out_key], base[out_key] = float(value), name
-        score_key = _score_key(base, out.get("higher_is_better", {}).get(task, {}))
+        score_key = _score_key(base, out.get("higher_is_better", {}).get(task, {}), average)
         if score_key is None:
             raise ValueError(f"task {task!r} has no accuracy-like metric to average: {sorted(row)}")
         scores.append(row[score_key])
@@ -123,12 +132,21 @@ def summarize(out: dict) -> dict:
             row["samples"] = int(n)
         summary[task] = row
     summary["average"] = sum(scores) / len(scores) if scores else float("nan")
+    summary["average_metric"] = average
     return summary
 
 
-def _score_key(base: Dict[str, str], higher_is_better: dict) -> Optional[str]:
-    """The result key a task contributes to the average: ``acc``, else its first
-    higher-is-better metric (``base`` maps result keys to lm-eval metric names)."""
+def task_rows(summary: dict) -> Dict[str, dict]:
+    """The per-task entries of a :func:`summarize` result (without average / average_metric)."""
+    return {task: row for task, row in summary.items() if isinstance(row, dict)}
+
+
+def _score_key(base: Dict[str, str], higher_is_better: dict, average: str) -> Optional[str]:
+    """The result key a task contributes to the average: ``acc_norm`` when ``average`` is
+    ``acc_norm_if_any`` and the task has it, else ``acc``, else its first higher-is-better
+    metric (``base`` maps result keys to lm-eval metric names)."""
+    if average == "acc_norm_if_any" and "acc_norm" in base:
+        return "acc_norm"
     if "acc" in base:
         return "acc"
     return next((key for key, name in base.items() if higher_is_better.get(name)), None)
