@@ -3,13 +3,14 @@ in the fused tensors, per-expert Hessians over exactly the routed tokens, sparse
 write-back, save and reload."""
 import pytest
 import torch
+from torch import nn
 
 from conftest import tiny
 from hbllm.config import QuantConfig
 from hbllm.models import find_layers
 from hbllm.moe import fill_sparse_experts, find_fused_experts
 from hbllm.pipeline import capture_inputs, quantize_model, run_layer
-from hbllm.weights import collect_hessians, quantizable_weights
+from hbllm.weights import collect_hessians, fill_sparse_expert_hessians, quantizable_weights
 
 CPU = torch.device("cpu")
 MOE = ["tiny-mixtral", "tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-deepseek-v2", "tiny-gpt-oss"]
@@ -212,3 +213,55 @@ def test_quantized_moe_saves_and_reloads(tokens, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, again(tokens).logits)
+
+
+class Expert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = nn.Linear(8, 16, bias=False), nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        return self.w2(torch.relu(self.w1(x)))
+
+
+class PerExpertLinears(nn.Module):
+    """An MoE block with one nn.Linear per expert matrix (the older layout), top-1 routed."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(8, 3, bias=False)
+        self.experts = nn.ModuleList(Expert() for _ in range(3))
+
+    def forward(self, x):
+        choice = self.gate(x).argmax(-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            if (choice == e).any():
+                out[choice == e] = expert(x[choice == e])
+        return out
+
+
+def test_per_expert_linears_are_experts_with_their_routed_tokens():
+    torch.manual_seed(0)
+    block = PerExpertLinears()
+    w = block.gate.weight.data
+    w[1], w[2] = -w[0], 0  # logits (s, -s, 0): expert 2 never wins
+    x = torch.randn(50, 8)
+    weights = quantizable_weights(block)
+    assert {w.name: w.kind for w in weights} == {
+        "gate": "router", **{f"experts.{e}.w{i}": "experts" for e in range(3) for i in (1, 2)}}
+    hessians, counts = collect_hessians(block, weights, lambda: block(x))
+    choice = block.gate(x).argmax(-1)
+    n = [int((choice == e).sum()) for e in range(3)]
+    assert n[0] > 0 and n[1] > 0 and n[2] == 0
+    for e in range(3):
+        assert counts[f"experts.{e}.w1"] == counts[f"experts.{e}.w2"] == n[e]
+    assert counts["gate"] == 50
+    H0, H1 = hessians["experts.0.w1"].clone(), hessians["experts.1.w1"].clone()
+    record = fill_sparse_expert_hessians(weights, hessians, counts, min_tokens=1)
+    assert record == {"experts.0": {"tokens": n[0], "hessian": "own"},
+                      "experts.1": {"tokens": n[1], "hessian": "own"},
+                      "experts.2": {"tokens": 0, "hessian": "layer_mean"}}
+    torch.testing.assert_close(hessians["experts.2.w1"], (n[0] * H0 + n[1] * H1) / (n[0] + n[1]))
+    X = x[choice == 1]
+    torch.testing.assert_close(H1, 2 / n[1] * X.T @ X)
