@@ -154,3 +154,13 @@ def test_save_packed_refuses_experts_and_packs_the_dense_parts(tmp_path):
     x = torch.randint(0, 257, (1, 16))
     with torch.no_grad():
         assert torch.isfinite(model(x).logits).all()
+
+
+def test_wandb_summary_has_coverage_and_decoder_bits(tokens):
+    model, _ = tiny("tiny-qwen2-moe")
+    stats = quantize_model(model, tokens, QuantConfig(method="sign"), CPU)
+    summary = app._final_summary({"bits": stats.bits, "coverage": stats.coverage})
+    assert summary["coverage/matrix_fraction"] == stats.coverage["matrix_fraction"] < 1
+    assert summary["coverage/experts/full_precision"] == 0
+    assert summary["coverage/router/full_precision"] == 2 * (8 * 64 + 64)  # gate + shared gate
+    assert summary["bits/decoder_paper"] > summary["bits/paper"]
