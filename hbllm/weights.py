@@ -132,13 +132,20 @@ def select_weights(weights: List[QuantWeight], skip: Sequence[str], quantize_rou
     return todo, left
 
 
+def is_matrix(name: str, p: torch.Tensor) -> bool:
+    """A weight matrix: 2 or more dimensions, not a bias (fused experts keep their biases as
+    ``(E, out)`` tensors named ``*_bias``)."""
+    leaf = name.rpartition(".")[2]
+    return p.dim() >= 2 and leaf != "bias" and not leaf.endswith("_bias")
+
+
 def unreachable(layer: nn.Module, weights: List[QuantWeight], skip: Sequence[str]) -> List[str]:
-    """``name (shape)`` of each matrix parameter (2-D or more) of ``layer`` that no weight in
-    ``weights`` covers and ``skip`` does not name (matched on the parameter's name and on its
+    """``name (shape)`` of each matrix parameter (:func:`is_matrix`) of ``layer`` that no weight
+    in ``weights`` covers and ``skip`` does not name (matched on the parameter's name and on its
     module's name)."""
     covered = {id(w.param) for w in weights}
     return [f"{n} {tuple(p.shape)}" for n, p in layer.named_parameters()
-            if p.dim() >= 2 and id(p) not in covered
+            if is_matrix(n, p) and id(p) not in covered
             and _skipped(n, skip) is None and _skipped(n.rpartition(".")[0], skip) is None]
 
 
@@ -236,7 +243,7 @@ class Coverage:
         self.fp_bits = 0.0
         self.q_bits = {"paper": 0.0, "full": 0.0}
         self.q_numel = 0
-        self.matrices = 0  # numel of every matrix parameter (2-D or more) of the decoder
+        self.matrices = 0  # numel of every matrix parameter (:func:`is_matrix`) of the decoder
 
     def add_layer(self, layer: nn.Module, weights: List[QuantWeight], quantized: set,
                   left: Dict[str, str]) -> None:
@@ -249,8 +256,8 @@ class Coverage:
             covered[id(w.param)] = covered.get(id(w.param), 0) + w.numel
             if slot == "full_precision":
                 self.fp_bits += w.numel * param_bits(w.param)
-        for _, p in layer.named_parameters():
-            if p.dim() >= 2:
+        for name, p in layer.named_parameters():
+            if is_matrix(name, p):
                 self.matrices += p.numel()
             rest = p.numel() - covered.get(id(p), 0)
             if rest:
@@ -277,7 +284,7 @@ class Coverage:
     def report(self) -> dict:
         """results.json ``coverage``: per kind ``{"quantized", "full_precision"}`` parameter
         counts, totals, the quantized fraction of the decoder parameters and of its matrices
-        (parameters of 2 dimensions or more: norms and biases excluded), and ``left_full_precision`` ``{weight name in a layer: reason}``."""
+        (:func:`is_matrix`: norms and biases excluded), and ``left_full_precision`` ``{weight name in a layer: reason}``."""
         q = sum(d["quantized"] for d in self.by_kind.values())
         total = sum(v for d in self.by_kind.values() for v in d.values())
         matrices = self.matrices

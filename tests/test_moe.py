@@ -204,11 +204,18 @@ def test_quantized_logits_equal_a_dequantize_and_run_reference(kind, tokens, mon
                                    rtol=0, atol=0)
 
 
-def test_quantized_moe_saves_and_reloads(tokens, tmp_path):
+@pytest.mark.parametrize("kind", ["tiny-qwen2-moe", "tiny-gpt-oss"])
+def test_quantized_moe_saves_and_reloads(kind, tokens, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model, _ = tiny("tiny-qwen2-moe")
-    quantize_model(model, tokens, QuantConfig(method="sign"), CPU)
+    model, _ = tiny(kind)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = quantize_model(model, tokens, QuantConfig(method="sign"), CPU)
+    assert stats.coverage["by_kind"]["experts"]["full_precision"] == 0
+    assert stats.coverage["matrix_fraction"] > 0.98  # all but the routers
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert {n for n in before if n.endswith(("experts.gate_up_proj", "experts.down_proj"))} \
+        <= changed
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
