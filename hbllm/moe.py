@@ -109,17 +109,23 @@ class ExpertsHessians:
         hidden, index = self.routing(args, kwargs)
         hidden = hidden.reshape(-1, hidden.shape[-1])
         index = index.reshape(hidden.shape[0], -1)
-        for e in range(len(self.tokens)):
-            rows = (index == e).any(dim=-1).nonzero().squeeze(-1)
-            if rows.numel() == 0:
+        # token rows grouped by expert (one host sync for the counts, not one per expert)
+        flat = index.reshape(-1)
+        rows = flat.argsort(stable=True) // index.shape[1]
+        E = len(self.tokens)
+        counts = torch.bincount(flat, minlength=E)[:E].tolist()
+        start = 0
+        for e, m in enumerate(counts):
+            if m == 0:
                 continue
-            x = hidden[rows]
+            x = hidden[rows[start:start + m]]
+            start += m
             n = self.tokens[e]
             if self.hin is not None:
                 self._accumulate(self.hin[e], n, x)
             if self.hmid is not None:
                 self._accumulate(self.hmid[e], n, _project(self.experts, x, e))
-            self.tokens[e] = n + rows.numel()
+            self.tokens[e] = n + m
 
     def remove(self) -> None:
         self.handle.remove()
