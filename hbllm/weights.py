@@ -284,7 +284,8 @@ class Coverage:
     def report(self) -> dict:
         """results.json ``coverage``: per kind ``{"quantized", "full_precision"}`` parameter
         counts, totals, the quantized fraction of the decoder parameters and of its matrices
-        (:func:`is_matrix`: norms and biases excluded), and ``left_full_precision`` ``{weight name in a layer: reason}``."""
+        (:func:`is_matrix`: norms and biases excluded), and ``left_full_precision``
+        ``{weight name in a layer: reason}``."""
         q = sum(d["quantized"] for d in self.by_kind.values())
         total = sum(v for d in self.by_kind.values() for v in d.values())
         matrices = self.matrices

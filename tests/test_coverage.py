@@ -78,8 +78,8 @@ def test_skip_patterns_leave_weights_in_full_precision(tokens):
     _, layers = find_layers(model)
     experts = layers[0].mlp.experts
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    stats = quantize_model(model, tokens, QuantConfig(method="sign", skip=["*.experts.*",
-                                                                           "self_attn.q_proj"]), CPU)
+    quant = QuantConfig(method="sign", skip=["*.experts.*", "self_attn.q_proj"])
+    stats = quantize_model(model, tokens, quant, CPU)
     same = {n for n, p in model.named_parameters() if torch.equal(p, before[n])}
     assert {f"model.layers.{i}.{n}" for i in (0, 1) for n in
             ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "self_attn.q_proj.weight",
@@ -89,7 +89,8 @@ def test_skip_patterns_leave_weights_in_full_precision(tokens):
     assert by["experts"] == {"quantized": 0, "full_precision": 2 * (experts.gate_up_proj.numel()
                                                                     + experts.down_proj.numel())}
     assert by["attention"]["full_precision"] == 2 * 64 * 64
-    assert stats.coverage["left_full_precision"]["mlp.experts.2.up_proj"] == "quant.skip *.experts.*"
+    left = stats.coverage["left_full_precision"]
+    assert left["mlp.experts.2.up_proj"] == "quant.skip *.experts.*"
 
 
 def test_routers_stay_full_precision_unless_asked(tokens):

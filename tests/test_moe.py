@@ -115,7 +115,8 @@ def test_each_expert_hessian_holds_exactly_its_routed_tokens(kind, tokens):
     block = dict(layer.named_modules())[name.rpartition(".")[0]]
     router = next(m for n, m in block.named_children() if n in ("gate", "router"))
     seen = []
-    handle = block.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    handle = block.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
     weights = quantizable_weights(layer)
     with torch.no_grad():
         hessians, counts = collect_hessians(layer, weights,
@@ -193,7 +194,8 @@ def test_quantized_logits_equal_a_dequantize_and_run_reference(kind, tokens, mon
         modules = dict(layer.named_modules())
         for ename, experts in find_fused_experts(layer).items():
             for e in range(experts.num_experts):
-                g, u, d = (deq.pop((i, f"{ename}.{e}.{m}")) for m in ("gate_proj", "up_proj", "down_proj"))
+                g, u, d = (deq.pop((i, f"{ename}.{e}.{m}"))
+                           for m in ("gate_proj", "up_proj", "down_proj"))
                 experts.gate_up_proj.data[e] = torch.cat([g, u])
                 experts.down_proj.data[e] = d
         for (j, n) in [k for k in deq if k[0] == i]:
