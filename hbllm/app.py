@@ -80,8 +80,14 @@ def format_table(results: Dict[str, Any]) -> str:
                     rows.append((f"{m} {task}", _fmt(bzs.get(task, {}).get(m)),
                                  _fmt(zs.get(task, {}).get(m))))
     bits = results.get("bits")
-    if bits:
+    if bits and "paper" in bits:
         rows.append(("bits/weight paper|full", "", f"{bits['paper']:.3f} | {bits['full']:.3f}"))
+    if bits and "decoder_paper" in bits:
+        rows.append(("decoder bits/weight paper|full", "",
+                     f"{bits['decoder_paper']:.3f} | {bits['decoder_full']:.3f}"))
+    coverage = results.get("coverage")
+    if coverage:
+        rows.append(("decoder matrices quantized", "", f"{100 * coverage['matrix_fraction']:.2f}%"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -172,19 +178,29 @@ def _record_failure(results: Results, exc: Exception) -> None:
     results.update(status="failed", error=f"{type(exc).__name__}: {exc}")
 
 
-def _check_packable_shapes(model, blocksize: int) -> None:
-    """save_packed: every decoder linear needs in_features divisible by blocksize and an even
+def _check_packable_shapes(model, quant: QuantConfig) -> None:
+    """save_packed: every decoder weight to quantize must be an ``nn.Linear`` (MoE experts in
+    fused tensors cannot be packed) with in_features divisible by blocksize and an even
     out_features (docs/packed.md); checked before any quantization work."""
-    from .models import find_layers, find_linears
+    from .models import find_layers
+    from .weights import quantizable_weights, select_weights
 
     prefix, layers = find_layers(model)
-    bad = [f"{prefix}.{i}.{n} ({m.out_features}x{m.in_features})" for i, layer in enumerate(layers)
-           for n, m in find_linears(layer).items()
-           if m.in_features % blocksize or m.out_features % 2]
+    todo = [(f"{prefix}.{i}.{w.name}", w) for i, layer in enumerate(layers)
+            for w in select_weights(quantizable_weights(layer), quant.skip,
+                                    quant.quantize_routers)[0]]
+    experts = [n for n, w in todo if not isinstance(w.module, torch.nn.Linear)]
+    if experts:
+        raise ValueError(f"save_packed=true cannot pack MoE experts stored as fused tensors "
+                         f"(not nn.Linear): {experts[:3]}{' ...' if len(experts) > 3 else ''}. "
+                         "Use save_model=true for a fake-quantized checkpoint, or pack only the "
+                         "dense parts with quant.skip=['*.experts.*'] (docs/moe.md)")
+    bad = [f"{n} ({w.module.out_features}x{w.module.in_features})" for n, w in todo
+           if w.module.in_features % quant.blocksize or w.module.out_features % 2]
     if bad:
         raise ValueError(f"save_packed=true needs every linear's in_features divisible by "
-                         f"quant.blocksize={blocksize} and an even out_features; not: {bad[:4]}"
-                         f"{' ...' if len(bad) > 4 else ''}")
+                         f"quant.blocksize={quant.blocksize} and an even out_features; not: "
+                         f"{bad[:4]}{' ...' if len(bad) > 4 else ''}")
 
 
 def _stages(rc: RunConfig, resolved: Dict[str, Any], key: str, results: Results,
@@ -226,7 +242,7 @@ def _stages(rc: RunConfig, resolved: Dict[str, Any], key: str, results: Results,
     try:
         model = load_model(rc.model, rc.seed)
         if rc.save_packed and not reuse_model:
-            _check_packable_shapes(model, rc.quant.blocksize)
+            _check_packable_shapes(model, rc.quant)
         if rc.eval.baseline:
             _evaluate(model, tokenizer, rc, eval_tokens, device, results, tracker, "baseline_")
         if reuse_model:
@@ -272,7 +288,8 @@ def _quantize(model, tokenizer, calib, rc: RunConfig, device, results: Results, 
                            on_linear=on_linear, return_codes=rc.save_packed)
     timing = results.get("timing", {})
     timing["quantize_s"] = stats.seconds
-    results.update(bits=stats.bits, timing=timing, layers=stats.layers)
+    results.update(bits=stats.bits, coverage=stats.coverage, timing=timing,
+                   layers=stats.layers)
     if rc.save_model:
         saved = run_dir / "model"
         model.save_pretrained(saved)
@@ -293,6 +310,11 @@ def _final_summary(results: Dict[str, Any]) -> Dict[str, float]:
     final = {f"ppl/{d}": v for d, v in results.get("ppl", {}).items()}
     final.update({f"baseline_ppl/{d}": v for d, v in results.get("baseline_ppl", {}).items()})
     final.update({f"bits/{k}": v for k, v in results.get("bits", {}).items()})
+    coverage = results.get("coverage") or {}
+    final.update({f"coverage/{k}": coverage[k] for k in ("fraction", "matrix_fraction")
+                  if k in coverage})
+    final.update({f"coverage/{kind}/{slot}": n for kind, d in coverage.get("by_kind", {}).items()
+                  for slot, n in d.items()})
     final.update({f"timing/{k}": v for k, v in results.get("timing", {}).items()})
     for prefix in ("", "baseline_"):
         if f"{prefix}zeroshot" in results:

@@ -47,6 +47,10 @@ class QuantConfig:
     up_lim: salient candidates per block (k < up_lim).
     blocksize: GPTQ block width in columns.  percdamp: damping as a fraction of mean(diag H).
     haar_inverse: exact (1/sqrt2) | authors (0.70703125).  disable_gptq: no compensation.
+    skip: glob patterns on weight names inside a decoder layer (``mlp.gate``,
+    ``*.experts.*``) left in full precision on purpose.  quantize_routers: quantize MoE router
+    weights too (default: full precision).  expert_min_tokens: an MoE expert routed fewer
+    calibration tokens gets the mean Hessian of its layer's experts (docs/moe.md).
     """
 
     method: str = "hbllm"
@@ -59,6 +63,9 @@ class QuantConfig:
     percdamp: float = 0.01
     haar_inverse: str = "exact"
     disable_gptq: bool = False
+    skip: List[str] = field(default_factory=list)
+    quantize_routers: bool = False
+    expert_min_tokens: int = 16
     name: str = ""  # display name for run names and reports; empty: see :attr:`label`
 
     def __post_init__(self) -> None:
@@ -76,6 +83,9 @@ class QuantConfig:
             raise ValueError(f"quant.up_lim={self.up_lim!r} must be an integer >= 2")
         if not 0.0 <= float(self.percdamp) < 1.0:
             raise ValueError(f"quant.percdamp={self.percdamp!r} must be in [0, 1)")
+        if not isinstance(self.expert_min_tokens, int) or self.expert_min_tokens < 0:
+            raise ValueError(f"quant.expert_min_tokens={self.expert_min_tokens!r} must be an "
+                             "integer >= 0")
 
     @property
     def label(self) -> str:

@@ -4,9 +4,11 @@
    recorder: keep the first layer's input hidden states and the keyword arguments each layer is
    called with (masks, position embeddings; Gemma3 differs per layer).
 2. For each layer: move it to the accelerator, accumulate ``H = 2/N X^T X`` (float32, running
-   average) of every linear's input with forward hooks, quantize each linear with
-   :func:`hbllm.quantize_weight`, then recompute the layer's outputs with the quantized weights;
-   they are the next layer's inputs. Only the current layer lives on the accelerator.
+   average) of every quantizable weight's input with forward hooks (linears, and each MoE
+   expert over exactly its routed tokens: :mod:`hbllm.weights`, :mod:`hbllm.moe`), quantize
+   each weight with :func:`hbllm.quantize_weight`, then recompute the layer's outputs with the
+   quantized weights; they are the next layer's inputs. Only the current layer lives on the
+   accelerator.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .models import find_layers, find_linears, move_outside_layers
+from .weights import (Coverage, collect_hessians, fill_sparse_expert_hessians,
+                      quantizable_weights, select_weights, unreachable)
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +147,33 @@ def layer_hessians(layer: nn.Module, hidden: List[torch.Tensor], kwargs: dict,
     return {name: h.H for name, h in hooks.items()}
 
 
+def check_reachable(layers: nn.ModuleList, selected, quant: QuantConfig) -> None:
+    """Fail, naming them, when selected decoder layers hold matrices the quantizer cannot
+    reach (neither ``nn.Linear`` nor a known fused-expert layout) and ``quant.skip`` does not
+    leave them out."""
+    bad = {i: unreachable(layers[i], quantizable_weights(layers[i]), quant.skip)
+           for i in sorted(selected)}
+    bad = {i: names for i, names in bad.items() if names}
+    if bad:
+        first = next(iter(bad))
+        raise ValueError(
+            f"decoder layer(s) {sorted(bad)} hold weights that {quant.label} cannot reach "
+            f"(not nn.Linear, not a fused-expert tensor): layer {first}: {bad[first]}. They "
+            "would stay in full precision. Leave them out on purpose with "
+            "quant.skip=['<glob on the name inside a layer>'], or add support for the layout "
+            "in hbllm/weights.py")
+
+
 @dataclass
 class QuantizeStats:
     """Outcome of :func:`quantize_model`: per-layer records (results.json ``layers``),
-    numel-weighted bits per weight, and seconds spent."""
+    numel-weighted bits per weight (:meth:`hbllm.weights.Coverage.bits`), seconds spent, and
+    the coverage report (:meth:`hbllm.weights.Coverage.report`)."""
 
     layers: List[dict] = field(default_factory=list)
     bits: Dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    coverage: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -177,9 +200,10 @@ def quantize_model(model: nn.Module, tokens: torch.Tensor, quant: QuantConfig,
         return stats
     prefix, layers = find_layers(model)
     selected = set(range(len(layers)) if only is None else only)
+    check_reachable(layers, selected, quant)  # before any calibration work
+    coverage = Coverage()
     inputs = capture_inputs(model, tokens, device)
     hidden = inputs.hidden
-    total = {"paper": 0.0, "full": 0.0, "numel": 0}
     bar = tqdm(range(max(selected) + 1), desc=f"quantize {quant.label}", unit="layer")
     for i in bar:
         t0 = time.perf_counter()
@@ -189,20 +213,27 @@ def quantize_model(model: nn.Module, tokens: torch.Tensor, quant: QuantConfig,
             hidden = run_layer(layer, hidden, kwargs, device)
             layer.to("cpu")
             continue
-        hessians = layer_hessians(layer, hidden, kwargs, device)
+        weights = quantizable_weights(layer)
+        todo, left = select_weights(weights, quant.skip, quant.quantize_routers)
+        hessians, counts = collect_hessians(
+            layer, todo, lambda: run_layer(layer, hidden, kwargs, device))
+        experts = fill_sparse_expert_hessians(todo, hessians, counts, quant.expert_min_tokens)
         record = {"index": i, "loss": 0.0, "time_s": 0.0, "linears": {}}
-        for name, lin in find_linears(layer).items():
-            res = quantize_weight(lin.weight.data, hessians.pop(name), quant,
-                                  return_codes=return_codes)
-            lin.weight.data.copy_(res.weight)
-            if on_linear is not None:
-                on_linear(f"{prefix}.{i}.{name}", res)
-            record["linears"][name] = {"loss": float(res.loss), "bits_paper": res.bits["paper"],
-                                       "bits_full": res.bits["full"]}
+        if experts:
+            record["experts"] = experts
+        last_use = {w.hessian_key: j for j, w in enumerate(todo)}
+        for j, w in enumerate(todo):
+            H = hessians[w.hessian_key] if last_use[w.hessian_key] > j \
+                else hessians.pop(w.hessian_key)
+            res = quantize_weight(w.get(), H, quant, return_codes=return_codes)
+            w.set(res.weight)
+            if on_linear is not None and isinstance(w.module, nn.Linear):
+                on_linear(f"{prefix}.{i}.{w.name}", res)
+            record["linears"][w.name] = {"loss": float(res.loss), "bits_paper": res.bits["paper"],
+                                         "bits_full": res.bits["full"]}
             record["loss"] += float(res.loss)
-            total["paper"] += res.bits["paper"] * res.numel
-            total["full"] += res.bits["full"] * res.numel
-            total["numel"] += res.numel
+            coverage.add_quantized(res.bits, res.numel)
+        coverage.add_layer(layer, weights, {w.name for w in todo}, left)
         hidden = run_layer(layer, hidden, kwargs, device)
         layer.to("cpu")
         record["time_s"] = time.perf_counter() - t0
@@ -210,6 +241,10 @@ def quantize_model(model: nn.Module, tokens: torch.Tensor, quant: QuantConfig,
         bar.set_postfix(loss=f"{record['loss']:.4g}")
         if on_layer is not None:
             on_layer(record)
-    stats.bits = {"paper": total["paper"] / total["numel"], "full": total["full"] / total["numel"]}
+    for i, layer in enumerate(layers):
+        if i not in selected:
+            coverage.add_layer(layer, quantizable_weights(layer), set(), {})
+    stats.bits = coverage.bits()
+    stats.coverage = coverage.report()
     stats.seconds = time.perf_counter() - start
     return stats

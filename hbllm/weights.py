@@ -1,0 +1,295 @@
+"""The quantizable weights of a decoder layer, their Hessians, and the coverage report.
+
+A :class:`QuantWeight` is one ``(out, in)`` matrix that :func:`hbllm.quantize_weight` can take:
+an ``nn.Linear`` weight, one expert's gate / up / down matrix inside a fused 3-D expert tensor
+(:mod:`hbllm.moe`), or a router's weight. Every weight has a kind (attention, mlp, experts,
+router, other) and a Hessian key: weights reading the same input (an expert's gate and up) share
+one Hessian. :func:`collect_hessians` records them all in one pass over the calibration windows,
+the experts' through the model's own routing.
+
+Coverage: every parameter of the decoder is counted as quantized or full precision, by kind.
+A matrix (2-D or more) that no :class:`QuantWeight` reaches fails the run (:func:`unreachable`)
+unless ``quant.skip`` names it; routers stay full precision unless ``quant.quantize_routers``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .moe import ExpertsHessians, expert_matrices, fill_sparse_experts, find_fused_experts
+
+KINDS = ("attention", "mlp", "experts", "router", "other")
+
+
+@dataclass
+class QuantWeight:
+    """One quantizable ``(out, in)`` matrix of a decoder layer.
+
+    name: inside the layer (``self_attn.q_proj``, ``mlp.experts.3.gate_proj``); kind: one of
+    :data:`KINDS`; param: the parameter holding it; hessian_key: weights with the same key share
+    one Hessian (same input); expert: index into a fused ``(E, ...)`` parameter, or None;
+    rows: row slice of the ``(out, in)`` view; transposed: the parameter stores ``(in, out)``;
+    expert_name: the expert it belongs to (experts only), e.g. ``mlp.experts.3``;
+    module: the ``nn.Linear`` when the weight is a whole linear (what packing can store).
+    """
+
+    name: str
+    kind: str
+    param: nn.Parameter
+    hessian_key: str
+    expert: Optional[int] = None
+    rows: slice = field(default_factory=lambda: slice(None))
+    transposed: bool = False
+    expert_name: Optional[str] = None
+    module: Optional[nn.Module] = None
+
+    def view(self) -> torch.Tensor:
+        """The ``(out, in)`` matrix as a view of the parameter (writes go through)."""
+        w = self.param.data if self.expert is None else self.param.data[self.expert]
+        return (w.T if self.transposed else w)[self.rows]
+
+    def get(self) -> torch.Tensor:
+        return self.view()
+
+    def set(self, matrix: torch.Tensor) -> None:
+        self.view().copy_(matrix)
+
+    @property
+    def numel(self) -> int:
+        return self.view().numel()
+
+
+def weight_kind(name: str) -> str:
+    """The kind of a linear from its name inside the layer (``self_attn.q_proj`` attention,
+    ``mlp.gate_proj`` / ``fc1`` mlp, ``block_sparse_moe.experts.3.w1`` experts, ``mlp.gate`` /
+    ``shared_expert_gate`` router)."""
+    parts = name.split(".")
+    leaf = parts[-1]
+    if "experts" in parts[:-1]:
+        return "experts"
+    if leaf in ("gate", "router") or "router" in leaf or leaf.endswith("expert_gate"):
+        return "router"
+    if any("attn" in p or "attention" in p for p in parts):
+        return "attention"
+    if any(p in ("fc1", "fc2") or "mlp" in p or "ffn" in p or "feed_forward" in p
+           or "shared_expert" in p for p in parts):
+        return "mlp"
+    return "other"
+
+
+def _is_router(name: str, module: nn.Module) -> bool:
+    """A router that is not an ``nn.Linear``: transformers' ``*TopKRouter`` modules holding a
+    2-D ``weight`` (experts, hidden) applied as ``F.linear`` to their input."""
+    w = getattr(module, "weight", None)
+    return (isinstance(w, nn.Parameter) and w.dim() == 2
+            and ("router" in type(module).__name__.lower() or weight_kind(name) == "router"))
+
+
+def quantizable_weights(layer: nn.Module) -> List[QuantWeight]:
+    """Every matrix of one decoder layer that the quantizer can reach, in module order."""
+    fused = find_fused_experts(layer)
+    weights: List[QuantWeight] = []
+    for name, module in layer.named_modules():
+        if name in fused:
+            transposed = bool(getattr(module, "is_transposed", False))
+            for e in range(module.down_proj.shape[0]):
+                for matrix, param, rows, role in expert_matrices(module):
+                    weights.append(QuantWeight(
+                        f"{name}.{e}.{matrix}", "experts", param, f"{name}.{e}:{role}",
+                        expert=e, rows=rows, transposed=transposed, expert_name=f"{name}.{e}"))
+        elif isinstance(module, nn.Linear):
+            kind = weight_kind(name)
+            weights.append(QuantWeight(
+                name, kind, module.weight, name, module=module,
+                expert_name=name.rpartition(".")[0] if kind == "experts" else None))
+        elif _is_router(name, module):
+            weights.append(QuantWeight(name, "router", module.weight, name, module=module))
+    return weights
+
+
+def _skipped(name: str, skip: Sequence[str]) -> Optional[str]:
+    return next((p for p in skip if fnmatchcase(name, p)), None)
+
+
+def select_weights(weights: List[QuantWeight], skip: Sequence[str], quantize_routers: bool
+                   ) -> Tuple[List[QuantWeight], Dict[str, str]]:
+    """Split ``weights`` into those to quantize and ``{name: why it stays full precision}``
+    (``quant.skip <pattern>`` or ``router``)."""
+    todo, left = [], {}
+    for w in weights:
+        pattern = _skipped(w.name, skip)
+        if pattern is not None:
+            left[w.name] = f"quant.skip {pattern}"
+        elif w.kind == "router" and not quantize_routers:
+            left[w.name] = "router (quant.quantize_routers=false)"
+        else:
+            todo.append(w)
+    return todo, left
+
+
+def is_matrix(name: str, p: torch.Tensor) -> bool:
+    """A weight matrix: 2 or more dimensions, not a bias (fused experts keep their biases as
+    ``(E, out)`` tensors named ``*_bias``)."""
+    leaf = name.rpartition(".")[2]
+    return p.dim() >= 2 and leaf != "bias" and not leaf.endswith("_bias")
+
+
+def unreachable(layer: nn.Module, weights: List[QuantWeight], skip: Sequence[str]) -> List[str]:
+    """``name (shape)`` of each matrix parameter (:func:`is_matrix`) of ``layer`` that no weight
+    in ``weights`` covers and ``skip`` does not name (matched on the parameter's name and on its
+    module's name)."""
+    covered = {id(w.param) for w in weights}
+    return [f"{n} {tuple(p.shape)}" for n, p in layer.named_parameters()
+            if is_matrix(n, p) and id(p) not in covered
+            and _skipped(n, skip) is None and _skipped(n.rpartition(".")[0], skip) is None]
+
+
+class InputHessian:
+    """Forward hook accumulating ``H = 2/N X^T X`` (float32, running average over tokens) of
+    the input ``X`` (tokens, in) of a module applying a 2-D ``weight`` (linear or router)."""
+
+    def __init__(self, module: nn.Module):
+        cols = module.weight.shape[1]
+        self.H = torch.zeros(cols, cols, dtype=torch.float32, device=module.weight.device)
+        self.n = 0
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module, inputs, output) -> None:
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.H += x.T @ x
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+@torch.no_grad()
+def collect_hessians(layer: nn.Module, weights: List[QuantWeight], forward: Callable[[], object]
+                     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
+    """Run ``forward()`` (the layer over the calibration windows) once with hooks and return
+    ``({hessian key: H (in, in) float32}, {hessian key: tokens seen})`` for ``weights``.
+    An expert's Hessian holds exactly the tokens the model routed to it."""
+    keys = {w.hessian_key for w in weights}
+    modules = dict(layer.named_modules())
+    linear_hooks = {k: InputHessian(modules[k]) for k in keys if k in modules}
+    expert_hooks = {}
+    for name, experts in find_fused_experts(layer).items():
+        roles = tuple(r for r in ("in", "mid") if any(k.startswith(f"{name}.") and
+                                                      k.endswith(f":{r}") for k in keys))
+        if roles:
+            expert_hooks[name] = ExpertsHessians(experts, roles)
+    try:
+        forward()
+    finally:
+        for h in [*linear_hooks.values(), *expert_hooks.values()]:
+            h.remove()
+    hessians = {k: h.H for k, h in linear_hooks.items()}
+    tokens = {k: h.n for k, h in linear_hooks.items()}
+    for name, h in expert_hooks.items():
+        for e, n in enumerate(h.tokens):
+            for role, H in (("in", h.hin), ("mid", h.hmid)):
+                if H is not None:
+                    hessians[f"{name}.{e}:{role}"] = H[e]
+                    tokens[f"{name}.{e}:{role}"] = n
+    return hessians, tokens
+
+
+def fill_sparse_expert_hessians(weights: List[QuantWeight], hessians: Dict[str, torch.Tensor],
+                                tokens: Dict[str, int], min_tokens: int) -> Dict[str, dict]:
+    """Give every expert with fewer than ``min_tokens`` routed tokens the mean Hessian of the
+    layer's experts with the same role (:func:`hbllm.moe.fill_sparse_experts`), in place.
+    Returns per expert ``{"tokens": n, "hessian": "own" | "layer_mean" | "identity"}``."""
+    groups: Dict[str, List[str]] = {}
+    owner: Dict[str, str] = {}
+    for w in weights:
+        if w.kind != "experts" or w.hessian_key in owner:
+            continue
+        owner[w.hessian_key] = w.expert_name
+        # the same role in every expert: key with the expert index replaced
+        role = re.sub(r"\.\d+([.:])", r".*\1", w.hessian_key)
+        groups.setdefault(role, []).append(w.hessian_key)
+    record: Dict[str, dict] = {}
+    for keys in groups.values():
+        sources = fill_sparse_experts([hessians[k] for k in keys], [tokens[k] for k in keys],
+                                      min_tokens)
+        for k, src in zip(keys, sources):
+            rec = record.setdefault(owner[k], {"tokens": tokens[k], "hessian": src})
+            if src != "own":
+                rec["hessian"] = src
+    return record
+
+
+def param_bits(p: torch.Tensor) -> float:
+    """Bits per weight of a parameter kept in full precision: its storage width."""
+    return float(p.element_size() * 8)
+
+
+class Coverage:
+    """Counts decoder parameters quantized vs left in full precision, by kind, and their bits.
+
+    ``add_layer`` once per decoder layer; ``add_quantized`` for each quantized weight's bits."""
+
+    def __init__(self):
+        self.by_kind = {k: {"quantized": 0, "full_precision": 0} for k in KINDS}
+        self.left: Dict[str, str] = {}
+        self.fp_bits = 0.0
+        self.q_bits = {"paper": 0.0, "full": 0.0}
+        self.q_numel = 0
+        self.matrices = 0  # numel of every matrix parameter (:func:`is_matrix`) of the decoder
+
+    def add_layer(self, layer: nn.Module, weights: List[QuantWeight], quantized: set,
+                  left: Dict[str, str]) -> None:
+        """Count every parameter of ``layer``: the weights named in ``quantized`` as quantized,
+        the other weights and every remaining parameter (norms, biases) as full precision."""
+        covered: Dict[int, int] = {}
+        for w in weights:
+            slot = "quantized" if w.name in quantized else "full_precision"
+            self.by_kind[w.kind][slot] += w.numel
+            covered[id(w.param)] = covered.get(id(w.param), 0) + w.numel
+            if slot == "full_precision":
+                self.fp_bits += w.numel * param_bits(w.param)
+        for name, p in layer.named_parameters():
+            if is_matrix(name, p):
+                self.matrices += p.numel()
+            rest = p.numel() - covered.get(id(p), 0)
+            if rest:
+                self.by_kind["other"]["full_precision"] += rest
+                self.fp_bits += rest * param_bits(p)
+        self.left.update(left)
+
+    def add_quantized(self, bits: Dict[str, float], numel: int) -> None:
+        self.q_bits["paper"] += bits["paper"] * numel
+        self.q_bits["full"] += bits["full"] * numel
+        self.q_numel += numel
+
+    def bits(self) -> Dict[str, float]:
+        """Bits per weight: ``paper`` / ``full`` over the quantized weights, ``decoder_paper`` /
+        ``decoder_full`` over every decoder parameter (full-precision ones at their width)."""
+        total = sum(v for d in self.by_kind.values() for v in d.values())
+        out = {}
+        if self.q_numel:
+            out = {k: v / self.q_numel for k, v in self.q_bits.items()}
+        if total:
+            out.update({f"decoder_{k}": (v + self.fp_bits) / total for k, v in self.q_bits.items()})
+        return out
+
+    def report(self) -> dict:
+        """results.json ``coverage``: per kind ``{"quantized", "full_precision"}`` parameter
+        counts, totals, the quantized fraction of the decoder parameters and of its matrices
+        (:func:`is_matrix`: norms and biases excluded), and ``left_full_precision``
+        ``{weight name in a layer: reason}``."""
+        q = sum(d["quantized"] for d in self.by_kind.values())
+        total = sum(v for d in self.by_kind.values() for v in d.values())
+        matrices = self.matrices
+        return {"by_kind": self.by_kind, "quantized": q, "full_precision": total - q,
+                "fraction": q / total if total else 0.0,
+                "matrix_fraction": q / matrices if matrices else 0.0,
+                "left_full_precision": self.left}
