@@ -178,15 +178,35 @@ def test_partial_run_resumes_from_stored_stages(first_run, monkeypatch):
     assert again["status"] == "done"
 
 
-def test_changed_config_or_resume_false_starts_over(first_run):
-    run_dir, results = first_run
+def _plant_stored_baseline(run_dir):
+    """Replace the stored baseline perplexity by a marker a resumed run would keep."""
     data = json.loads((run_dir / "results.json").read_text())
     data["baseline_ppl"] = {"text_files": 123.0}
     (run_dir / "results.json").write_text(json.dumps(data))
-    again = app.run(compose(*TINY, "resume=false", "quant=fp16"), run_dir)
+    return data["key"]
+
+
+def test_changed_config_with_resume_on_starts_over(first_run):
+    """Same directory, resume on (the default), another config: nothing stored is reused."""
+    run_dir, results = first_run
+    old_key = _plant_stored_baseline(run_dir)
+    again = app.run(compose(*TINY, "quant=fp16"), run_dir)
+    assert again["key"] != old_key and again["method"] == "fp16"
     assert again["baseline_ppl"]["text_files"] == pytest.approx(
         results["baseline_ppl"]["text_files"])
     assert again["ppl"] == again["baseline_ppl"] and again["layers"] == []
+
+
+def test_resume_false_with_the_same_config_starts_over(first_run):
+    """Same directory, same config (a finished run), resume=false: everything is recomputed."""
+    run_dir, results = first_run
+    old_key = _plant_stored_baseline(run_dir)
+    again = app.run(compose(*TINY, "resume=false"), run_dir)
+    assert again["key"] == old_key and again["status"] == "done"
+    assert again["baseline_ppl"]["text_files"] == pytest.approx(
+        results["baseline_ppl"]["text_files"])
+    assert [r["index"] for r in again["layers"]] == [0, 1]
+    assert again["ppl"]["text_files"] == pytest.approx(results["ppl"]["text_files"], rel=1e-6)
 
 
 def test_saved_model_is_loadable_and_reused(tmp_path, monkeypatch):
