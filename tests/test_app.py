@@ -4,10 +4,11 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO, compose, wandb_logged
+from conftest import REPO, compose, require, wandb_logged
 from hbllm import app
 from hbllm.data import DataUnavailable
 from hbllm.report import find_runs
@@ -246,9 +247,11 @@ def test_missing_data_offline_fails_fast(tmp_path, monkeypatch, override):
 
 @pytest.mark.parametrize("entry", ["console_script", "module"])
 def test_console_script_writes_a_hydra_run_dir(tmp_path, entry):
-    script = shutil.which("hbllm")
-    if entry == "console_script" and script is None:
-        pytest.skip("the hbllm console script is not installed (pip install -e .)")
+    beside = Path(sys.executable).parent / "hbllm"  # where pip puts it for this interpreter
+    script = str(beside) if beside.is_file() else shutil.which("hbllm")
+    if entry == "console_script":
+        require(script is not None, f"the hbllm console script is neither at {beside} nor on "
+                "PATH (pip install -e .)")
     start = [script] if entry == "console_script" else [sys.executable, "-m", "hbllm.app"]
     cmd = start + ["model=tiny-opt", "quant=fp16", "logger=disabled",
                    "eval.datasets=[text_files]", f"data.eval_files={EVAL_FILES}",
