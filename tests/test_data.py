@@ -261,3 +261,32 @@ def test_wiki_sample_split_by_article(tokenizer):
     for w in windows:
         starts = (stream[: -len(w) + 1] == w[0]).nonzero()[:, 0]
         assert any(torch.equal(stream[i:i + len(w)], w) for i in starts)
+
+
+# (document, window start) of GPTQ's get_c4 for the documents below, seed 0, seqlen 32; on the
+# way the loop draws and rejects the short documents [27, 12, 24, 12]
+PINNED_C4_PICKS = [(28, 107), (1, 4), (16, 62), (29, 200), (26, 77)]
+
+
+def test_c4_calibration_order_is_gptqs(tmp_path):
+    """GPTQ's get_c4 with random.seed(seed): per sample, randint(0, docs - 1) until a document
+    has more than seqlen tokens, then randint(0, tokens - seqlen - 1) as the window start. Byte
+    tokens make every (document, start) readable from the window itself."""
+    from hbllm.models import byte_tokenizer
+
+    docs = [(f"<{j:02d}>" + "abcdefghijklmnopqrstuvwxyz" * 10)[: 12 if j % 3 == 0 else 40 + 7 * j]
+            for j in range(30)]
+    write_c4(tmp_path / "c4" / "c4-train.00000-of-01024.json.gz", docs)
+    tok, seqlen = byte_tokenizer(), 32
+    calib = get_calibration(CalibConfig(name="c4", nsamples=5), DataConfig(local_dir=str(tmp_path)),
+                            tok, seqlen, seed=0)
+    random.seed(0)  # an independent replay of GPTQ's loop
+    picks = []
+    for _ in range(5):
+        while True:
+            doc = random.randint(0, len(docs) - 1)
+            if len(docs[doc].encode()) > seqlen:
+                break
+        picks.append((doc, random.randint(0, len(docs[doc].encode()) - seqlen - 1)))
+    assert picks == PINNED_C4_PICKS  # known offsets: a change of Python's random would show here
+    assert [tok.decode(w.tolist()) for w in calib] == [docs[d][s:s + seqlen] for d, s in picks]
