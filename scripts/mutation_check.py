@@ -88,15 +88,26 @@ def apply(root: Path, mutant: Mutant) -> None:
 
 
 def run_tests(root: Path, tests: List[str], stop_first: bool) -> Tuple[int, float, str]:
-    """(pytest exit code, seconds, last output lines) of ``tests`` run in ``root``."""
+    """(pytest exit code, seconds, output) of ``tests`` run in ``root``."""
     env = dict(os.environ, PYTHONPATH=str(root), WANDB_MODE="offline",
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-x"] * stop_first),
            *tests]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-    tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-3:])
-    return out.returncode, time.perf_counter() - t0, tail
+    return out.returncode, time.perf_counter() - t0, out.stdout + out.stderr
+
+
+def first_failure(output: str) -> str:
+    """The node id of the first failing test in pytest's short summary ("" if none)."""
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line.split()[1]
+    return ""
+
+
+def tail(output: str, lines: int = 5) -> str:
+    return "\n".join(output.strip().splitlines()[-lines:])
 
 
 def main(words: List[str]) -> int:
@@ -110,25 +121,25 @@ def main(words: List[str]) -> int:
             shutil.rmtree(Path(tmp) / "check")
         clean = copy_repo(Path(tmp) / "clean")
         subset = list(dict.fromkeys(t for m in mutants for t in m.tests))
-        rc, seconds, tail = run_tests(clean, subset, stop_first=False)
+        rc, seconds, output = run_tests(clean, subset, stop_first=False)
         print(f"unmutated copy: {'pass' if rc == 0 else 'FAIL'} ({seconds:.0f} s) {subset}")
         if rc != 0:
-            print(tail)
+            print(tail(output))
             return 2
         rows = []
         for i, m in enumerate(mutants):
             root = copy_repo(Path(tmp) / f"m{i}")
             apply(root, m)
-            rc, seconds, tail = run_tests(root, m.tests, stop_first=True)
+            rc, seconds, output = run_tests(root, m.tests, stop_first=True)
             verdict = {0: "SURVIVED", 1: "caught"}.get(rc, f"ERROR (pytest exit {rc})")
-            rows.append((m.name, verdict, seconds))
+            rows.append((m.name, verdict, seconds, first_failure(output)))
             if rc not in (0, 1):
-                print(f"{m.name}: pytest exit {rc}\n{tail}")
+                print(f"{m.name}: pytest exit {rc}\n{tail(output)}")
     width = max(len(r[0]) for r in rows)
-    print(f"\n{'mutant'.ljust(width)}  result    seconds")
-    for name, verdict, seconds in rows:
-        print(f"{name.ljust(width)}  {verdict.ljust(8)}  {seconds:7.1f}")
-    caught = sum(v == "caught" for _, v, _ in rows)
+    print(f"\n{'mutant'.ljust(width)}  result    seconds  caught by")
+    for name, verdict, seconds, by in rows:
+        print(f"{name.ljust(width)}  {verdict.ljust(8)}  {seconds:7.1f}  {by}")
+    caught = sum(r[1] == "caught" for r in rows)
     print(f"\n{caught}/{len(rows)} caught, {time.perf_counter() - start:.0f} s in all")
     return 0 if caught == len(rows) else 1
 
