@@ -78,7 +78,8 @@ def apply(root: Path, mutant: Mutant) -> None:
     for rel, old, new in mutant.edits:
         path = root / rel
         if not path.is_file():
-            sys.exit(f"mutant {mutant.name!r}: {rel} does not exist; update its record in {__file__}")
+            sys.exit(f"mutant {mutant.name!r}: {rel} does not exist; update its record in "
+                     f"{__file__}")
         text = path.read_text()
         count = text.count(old)
         if count != 1:

@@ -24,7 +24,7 @@ TOKENIZER_TEXT = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    """Byte-level BPE (vocab 600) trained on the repo's docs; prepends <s> like GPTQ's tokenizers."""
+    """Byte-level BPE (vocab 600) trained on the repo's docs; prepends <s> like GPTQ's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
