@@ -70,8 +70,16 @@ MODEL_PRESETS = {
     "llama3-8b": ("meta-llama/Meta-Llama-3-8B", "float16", 2048),
     "mistral-7b": ("mistralai/Mistral-7B-v0.1", "float16", 2048),
     "qwen2.5-7b": ("Qwen/Qwen2.5-7B", "float16", 2048),
+    "mixtral-8x7b": ("mistralai/Mixtral-8x7B-v0.1", "bfloat16", 2048),
+    "qwen3-30b-a3b": ("Qwen/Qwen3-30B-A3B-Base", "bfloat16", 2048),
+    "deepseek-v2-lite": ("deepseek-ai/DeepSeek-V2-Lite", "bfloat16", 2048),
     "tiny-llama": ("random", "float32", 128),
     "tiny-opt": ("random", "float32", 128),
+    "tiny-mixtral": ("random", "float32", 128),
+    "tiny-qwen2-moe": ("random", "float32", 128),
+    "tiny-qwen3-moe": ("random", "float32", 128),
+    "tiny-deepseek-v2": ("random", "float32", 128),
+    "tiny-gpt-oss": ("random", "float32", 128),
 }
 
 
