@@ -7,10 +7,13 @@ four tensor-core products -- an all-ones A (sum of z) and the three +-1 matrices
 the rows' statistics once per group. A +-1 fp16 (bf16) pair of an A fragment is one shift and one
 LOP3 of a bit word (``(~w << sh) & 0x80008000 | ONE``) when the MMA's k order is permuted so that
 a register's pair is bits ``(i, i + 16)`` of a word; the input is written to shared memory in that
-order, so the word layout of :func:`hbllm.packed.runtime.build_runtime` is used unchanged.
+order, so the words of :func:`hbllm.packed.runtime.build_runtime` are used unchanged.
 
-A block owns 16 row pairs (32 output rows) and ``ksplit`` warps that split the words (whole
-groups for the main band, any words for the salient residual), then reduce in shared memory.
+A block owns one row tile of the tiled layout (16 row pairs, 32 output rows; an MMA's rows
+``g, g + 8`` are lanes ``g, g + 8`` and ``g + 16, g + 24`` of the tile, so the four words a warp
+loads for a word position lie in one 128-byte line, or 16-byte vectors of 4 words) and ``ksplit``
+warps that split the words (whole quantization blocks for the main band, any words for the
+salient residual), then reduce in shared memory.
 Row layout: main tiles are output rows ``2p0 .. 2p0+31``, salient tiles the pairs' low and high
 rows, combined as ``y[2p] += c(lo + hi)``, ``y[2p+1] += c(lo - hi)``. Col layout: main and
 salient both feed the low/high tiles of the pair output.
@@ -25,9 +28,12 @@ import torch
 from . import nvrtc
 
 MAX_TOKENS = 8  # one n-tile of the MMA
-CONFIG = {"ksplit": 16}  # warps per block; best of scripts/bench_kernel.py --tune on an H100
+# Warps per block: CONFIG, the fallback (best of scripts/bench_kernel.py --tune summed over the 7B
+# shapes on an H100, row-major layout); TUNED per (rows, cols, tokens), as ``--tune`` prints it.
+CONFIG = {"ksplit": 16}
+TUNED: Dict[tuple, dict] = {}
 
-_SOURCE = r"""
+SOURCE = r"""
 #if DT == 0
 #define ONE 0x3C003C00u
 #define MMA_T "f16"
@@ -86,27 +92,37 @@ __device__ __forceinline__ void flush(float* out, Acc& A, uint2 t0, uint2 t1) {
   }
   clear(A);
 }
-// two 16-row tiles of a band, words [w0, w1): rows (ra, rb) = (g, g + 8) of the first tile into
-// o1, (rc, rd) of the second into o2; group of word w: w / wpg, or grp[w]. All loads of UW words
-// are issued before their products.
+// two 16-row tiles of a band, words [w0, w1), tiled layout (runtime.py) with V words per lane
+// vector: lanes (g, g + 8) of row tile t into o1, lanes (g + 16, g + 24) into o2; group of word w:
+// w / wpg, or grp[w]. All loads of UW words are issued before their products; VL: 16-byte loads
+// (V == UW, w0 and w1 multiples of UW).
 #define UW 4
+template <int VL>
 __device__ __forceinline__ void band2(float* o1, float* o2, const unsigned* __restrict__ sg,
     const unsigned* __restrict__ mb, const uint2* __restrict__ stats, const int* __restrict__ grp,
-    int wpg, int ra, int rb, int rc, int rd, int W, int G, int w0, int w1, const unsigned* z, int q,
+    int wpg, int t, int g, int W, int V, int G, int SV, int w0, int w1, const unsigned* z, int q,
     const int* sh) {
   Acc A, B;
   clear(A);
   clear(B);
-  const unsigned* rs[4] = {sg + (size_t)ra * W, sg + (size_t)rb * W, sg + (size_t)rc * W, sg + (size_t)rd * W};
-  const unsigned* rm[4] = {mb + (size_t)ra * W, mb + (size_t)rb * W, mb + (size_t)rc * W, mb + (size_t)rd * W};
   for (int wb = w0; wb < w1; wb += UW) {
     unsigned vs[UW][4], vm[UW][4];
     int gw[UW + 1];
 #pragma unroll
-    for (int u = 0; u < UW; ++u) {
-      const int w = min(wb + u, w1 - 1);
+    for (int k = 0; k < 4; ++k) {
+      if (VL) {
+        const size_t at = ((size_t)t * (W / UW) + wb / UW) * 32 + g + 8 * k;
+        const uint4 a = reinterpret_cast<const uint4*>(sg)[at], b = reinterpret_cast<const uint4*>(mb)[at];
+        vs[0][k] = a.x; vs[1][k] = a.y; vs[2][k] = a.z; vs[3][k] = a.w;
+        vm[0][k] = b.x; vm[1][k] = b.y; vm[2][k] = b.z; vm[3][k] = b.w;
+      } else {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) { vs[u][k] = rs[k][w]; vm[u][k] = rm[k][w]; }
+        for (int u = 0; u < UW; ++u) {
+          const size_t at = tidx(t, min(wb + u, w1 - 1), g + 8 * k, W, V);
+          vs[u][k] = sg[at];
+          vm[u][k] = mb[at];
+        }
+      }
     }
 #pragma unroll
     for (int u = 0; u <= UW; ++u) {
@@ -121,8 +137,8 @@ __device__ __forceinline__ void band2(float* o1, float* o2, const unsigned* __re
         word(B, vs[u][2], vm[u][2], vs[u][3], vm[u][3], z + w * 16, q, sh);
         if (gw[u + 1] != gw[u]) {
           const int gg = gw[u];
-          flush(o1, A, stats[(size_t)ra * G + gg], stats[(size_t)rb * G + gg]);
-          flush(o2, B, stats[(size_t)rc * G + gg], stats[(size_t)rd * G + gg]);
+          flush(o1, A, stats[tidx(t, gg, g, G, SV)], stats[tidx(t, gg, g + 8, G, SV)]);
+          flush(o2, B, stats[tidx(t, gg, g + 16, G, SV)], stats[tidx(t, gg, g + 24, G, SV)]);
         }
       }
     }
@@ -130,7 +146,7 @@ __device__ __forceinline__ void band2(float* o1, float* o2, const unsigned* __re
 }
 extern "C" __global__ void NAME(PACKED_ARGS) {
   extern __shared__ unsigned smem[];
-  const int W = C >> 5, P = R >> 1, KS = blockDim.x >> 5;
+  const int W = C >> 5, KS = blockDim.x >> 5;
   const int ZR = (C >> 1) + 4, ZSR = SW * 16 + 4;  // u32 per token row (the +4 spreads the banks)
   unsigned* z = smem;                               // [NT][ZR] main input, MMA k order
   unsigned* zs = z + NT * ZR;                       // [NT][ZSR] x at the salient slots
@@ -166,23 +182,21 @@ extern "C" __global__ void NAME(PACKED_ARGS) {
   const int tok = g < N ? g : N - 1;
   const unsigned* zt = z + tok * ZR;
   const unsigned* zst = zs + tok * ZSR;
-  const int p0 = blockIdx.x * 16;
-  const int pa = min(p0 + g, P - 1), pb = min(p0 + g + 8, P - 1);  // pair rows, clamped
-  const int ng = W / WPG, m0 = (ng * kw / KS) * WPG, m1 = (ng * (kw + 1) / KS) * WPG;
+  const int t = blockIdx.x, p0 = t * 16;  // row tile: lanes g, g + 8, g + 16, g + 24 of it
+  // warps split the main words by whole quantization blocks (so by groups, and on vectors)
+  const int m0 = (NB * kw / KS) * (BS / 32), m1 = (NB * (kw + 1) / KS) * (BS / 32);
   const int s0 = SW * kw / KS, s1 = SW * (kw + 1) / KS;
   float out[4][4];
 #pragma unroll
-  for (int t = 0; t < 4; ++t)
+  for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) out[t][j] = 0.f;
+    for (int j = 0; j < 4; ++j) out[i][j] = 0.f;
 #if ROW
-  const int r0 = min(2 * p0 + g, R - 1), r1 = min(2 * p0 + g + 8, R - 1);
-  const int r2 = min(2 * p0 + 16 + g, R - 1), r3 = min(2 * p0 + 24 + g, R - 1);
-  band2(out[0], out[1], ms, mm, mst, nullptr, WPG, r0, r1, r2, r3, W, G, m0, m1, zt, q, sh);
+  band2<MV == UW>(out[0], out[1], ms, mm, mst, nullptr, WPG, t, g, W, MV, G, MSV, m0, m1, zt, q, sh);
 #else
-  band2(out[2], out[3], ms, mm, mst, nullptr, WPG, pa, pb, pa + P, pb + P, W, G, m0, m1, zt, q, sh);
+  band2<MV == UW>(out[2], out[3], ms, mm, mst, nullptr, WPG, t, g, W, MV, G, MSV, m0, m1, zt, q, sh);
 #endif
-  band2(out[2], out[3], ss, sm, sst, sgrp, 1, pa, pb, pa + P, pb + P, SW, NB, s0, s1, zst, q, sh);
+  band2<0>(out[2], out[3], ss, sm, sst, sgrp, 1, t, g, SW, 1, NB, SSV, s0, s1, zst, q, sh);
 #pragma unroll
   for (int t = 0; t < 4; ++t)
 #pragma unroll
@@ -213,9 +227,15 @@ extern "C" __global__ void NAME(PACKED_ARGS) {
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(row: bool, nt: int, bf16: bool, bs: int, device: int):
-    name = f"hbllm_mma_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}"
-    return nvrtc.compile_kernel(_SOURCE, name, device, ROW=int(row), NT=nt, DT=int(bf16), BS=bs)
+def _kernel(row: bool, nt: int, bf16: bool, bs: int, mv: int, msv: int, ssv: int, device: int):
+    name = f"hbllm_mma_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}_{mv}{msv}{ssv}"
+    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bf16, bs, mv, msv, ssv))
+
+
+def macros(row: bool, nt: int, bf16: bool, bs: int, mv: int, msv: int, ssv: int) -> dict:
+    """Compile-time constants: layout, tokens a launch, dtype, blocksize, main word vector, main
+    and salient statistics vectors (runtime.word_vec / stats_vec)."""
+    return dict(ROW=int(row), NT=nt, DT=int(bf16), BS=bs, MV=mv, MSV=msv, SSV=ssv)
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,10 +244,16 @@ def available() -> bool:
     if not nvrtc.supported() or torch.cuda.get_device_capability()[0] < 8:
         return False
     try:
-        _kernel(True, 1, False, 128, torch.cuda.current_device())
+        _kernel(True, 1, False, 128, 4, 2, 2, torch.cuda.current_device())
         return True
     except Exception:  # no NVRTC, an old driver, ...: the Triton kernels stay in use
         return False
+
+
+def config(rows: int, cols: int, nt: int) -> dict:
+    """Launch config of a (rows, cols) layer at ``nt`` tokens a launch: :data:`TUNED`, else
+    :data:`CONFIG`."""
+    return TUNED.get((rows, cols, nt), CONFIG)
 
 
 def smem_bytes(cols: int, sal_words: int, nt: int, ksplit: int) -> int:
@@ -235,19 +261,22 @@ def smem_bytes(cols: int, sal_words: int, nt: int, ksplit: int) -> int:
 
 
 def fits(cols: int, sal_words: int, device: torch.device) -> bool:
-    """Whether one token's inputs fit in a block's shared memory."""
+    """Whether one token's inputs fit in a block's shared memory (at the fallback config)."""
     return smem_bytes(cols, sal_words, 1, CONFIG["ksplit"]) <= nvrtc.smem_limit(nvrtc.device_index(device))
 
 
 def gemv(x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float) -> torch.Tensor:
     """y (N, R) = x (N, C) W^T for up to a few tokens, fp16 or bf16, x contiguous on CUDA."""
     n, cols = x.shape
-    sal_words, ksplit = rt["sal_wgrp"].numel(), CONFIG["ksplit"]
+    sal_words = rt["sal_wgrp"].numel()
     device = nvrtc.device_index(x.device)
+    ksplit = config(meta["rows"], cols, min(n, MAX_TOKENS))["ksplit"]
     nt = 1
     while nt < min(n, MAX_TOKENS) and smem_bytes(cols, sal_words, 2 * nt, ksplit) <= nvrtc.smem_limit(device):
         nt *= 2
-    kernel = _kernel(meta["layout"] == "row", nt, x.dtype == torch.bfloat16, meta["blocksize"], device)
+    mv, msv, ssv = rt["main_sign"].shape[-1], rt["main_stats"].shape[-2], rt["sal_stats"].shape[-2]
+    kernel = _kernel(meta["layout"] == "row", nt, x.dtype == torch.bfloat16, meta["blocksize"],
+                     mv, msv, ssv, device)
     grid = ((meta["rows"] // 2 + 15) // 16, 1, 1)
     return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * ksplit,
                         smem_bytes(cols, sal_words, nt, ksplit))
