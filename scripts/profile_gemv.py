@@ -1,7 +1,8 @@
-"""Run a few-token packed kernel (lut, cuda or mma; default lut) a few times on a 4096x4096
-HBLLM-row layer, batch 1 (for ``ncu``):
+"""Run one packed kernel (lut, mma or triton; default lut) a few times on a 4096x4096 HBLLM-row
+layer, batch 1 (tiled layout), for ``ncu``:
 
-    ncu --kernel-name regex:hbllm_lut --launch-skip 3 --launch-count 1 python3 scripts/profile_gemv.py lut
+    ncu --clock-control none --kernel-name regex:hbllm_lut --launch-skip 3 --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis python3 scripts/profile_gemv.py lut
 """
 import sys
 

@@ -10,8 +10,17 @@ import torch
 from hbllm.packed import cuda_lut, cuda_mma, nvrtc
 from hbllm.packed.codes import dequantize
 from hbllm.packed.format import linear_meta, pack_linear
-from hbllm.packed.runtime import (band_rows, build_runtime, haar_input, salient_input, stats_vec,
-                                  tile, tile_slots, untile, word_vec)
+from hbllm.packed.runtime import (
+    band_rows,
+    build_runtime,
+    haar_input,
+    salient_input,
+    stats_vec,
+    tile,
+    tile_slots,
+    untile,
+    word_vec,
+)
 from hbllm.packed.synthetic import random_codes
 from hbllm.quant.haar import INVERSE
 
