@@ -77,7 +77,7 @@ def test_mma_gemv_odd_pairs_and_tokens(layout, batch):
     assert ((mod(x).double() - ref).norm() / ref.norm()).item() < 4e-3
 
 
-def test_cuda_gemv_large_shapes_chunk_tokens():
+def test_large_shapes_chunk_tokens():
     """C = 11008 (LLaMA down_proj): 4 tokens do not fit one block's shared memory at once."""
     codes = random_codes("row", 128, 11008, seed=5)
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()

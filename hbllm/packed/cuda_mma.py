@@ -182,7 +182,7 @@ extern "C" __global__ void NAME(PACKED_ARGS) {
   const int tok = g < N ? g : N - 1;
   const unsigned* zt = z + tok * ZR;
   const unsigned* zst = zs + tok * ZSR;
-  const int t = blockIdx.x, p0 = t * 16;  // row tile: lanes g, g + 8, g + 16, g + 24 of it
+  const int tile = blockIdx.x, p0 = tile * 16;  // row tile: lanes g, g + 8, g + 16, g + 24 of it
   // warps split the main words by whole quantization blocks (so by groups, and on vectors)
   const int m0 = (NB * kw / KS) * (BS / 32), m1 = (NB * (kw + 1) / KS) * (BS / 32);
   const int s0 = SW * kw / KS, s1 = SW * (kw + 1) / KS;
@@ -192,11 +192,11 @@ extern "C" __global__ void NAME(PACKED_ARGS) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) out[i][j] = 0.f;
 #if ROW
-  band2<MV == UW>(out[0], out[1], ms, mm, mst, nullptr, WPG, t, g, W, MV, G, MSV, m0, m1, zt, q, sh);
+  band2<MV == UW>(out[0], out[1], ms, mm, mst, nullptr, WPG, tile, g, W, MV, G, MSV, m0, m1, zt, q, sh);
 #else
-  band2<MV == UW>(out[2], out[3], ms, mm, mst, nullptr, WPG, t, g, W, MV, G, MSV, m0, m1, zt, q, sh);
+  band2<MV == UW>(out[2], out[3], ms, mm, mst, nullptr, WPG, tile, g, W, MV, G, MSV, m0, m1, zt, q, sh);
 #endif
-  band2<0>(out[2], out[3], ss, sm, sst, sgrp, 1, t, g, SW, 1, NB, SSV, s0, s1, zst, q, sh);
+  band2<0>(out[2], out[3], ss, sm, sst, sgrp, 1, tile, g, SW, 1, NB, SSV, s0, s1, zst, q, sh);
 #pragma unroll
   for (int t = 0; t < 4; ++t)
 #pragma unroll

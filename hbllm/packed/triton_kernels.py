@@ -200,8 +200,9 @@ def row_mm(x: torch.Tensor, rt: dict, meta: dict, c: float) -> torch.Tensor:
     rows, cfg = meta["rows"], MM_CONFIG
     y = torch.zeros(n, rows, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(rows, cfg["br"]), triton.cdiv(n, cfg["bn"]), cfg["split"])
-    _row_mm_kernel[grid](x, y, *_row_args(rt), n, *_sizes(rt, meta), c, x.stride(0), y.stride(0), BS=meta["blocksize"], BN=cfg["bn"], BR=cfg["br"],
-                         CW=cfg["cw"], SPLIT=cfg["split"], num_warps=cfg["num_warps"])
+    _row_mm_kernel[grid](x, y, *_row_args(rt), n, *_sizes(rt, meta), c, x.stride(0), y.stride(0),
+                         BS=meta["blocksize"], BN=cfg["bn"], BR=cfg["br"], CW=cfg["cw"],
+                         SPLIT=cfg["split"], num_warps=cfg["num_warps"])
     return y.to(x.dtype)
 
 
@@ -217,6 +218,7 @@ def band_mm(z: torch.Tensor, sign: torch.Tensor, member: torch.Tensor, wgrp: tor
         return out.zero_()
     grid = (triton.cdiv(rb, cfg["br"]), triton.cdiv(n, cfg["bn"]))
     _band_mm_kernel[grid](z, out, sign, member, wgrp, stats, n, rb, words,
-                          stats.shape[1] * stats.shape[3], sign.shape[-1], stats.shape[3], z.stride(0), out.stride(0), BN=cfg["bn"], BM=cfg["br"], CW=cfg["cw"],
+                          stats.shape[1] * stats.shape[3], sign.shape[-1], stats.shape[3],
+                          z.stride(0), out.stride(0), BN=cfg["bn"], BM=cfg["br"], CW=cfg["cw"],
                           num_warps=cfg["num_warps"])
     return out
