@@ -155,24 +155,60 @@ extern "C" __global__ void NAME(PACKED_ARGS) {
   u16* zh = reinterpret_cast<u16*>(z);
   u16* zsh = reinterpret_cast<u16*>(zs);
   const float c = (float)cd;
-  for (int n = 0; n < N; ++n) {
-    const u16* xn = x + (size_t)n * C;
-#if ROW
-    for (int qq = threadIdx.x; qq < (C >> 1); qq += blockDim.x) {
-      const unsigned two = reinterpret_cast<const unsigned*>(xn)[qq];
-      const float e = ld((u16)(two & 0xffff)), o = ld((u16)(two >> 16));
-      const int b = qq / (BS / 2), j = b * BS + (qq - b * (BS / 2)), j2 = j + BS / 2;
-      zh[n * 2 * ZR + (j & ~31) + kpos(j & 31)] = st((e + o) * c);
-      zh[n * 2 * ZR + (j2 & ~31) + kpos(j2 & 31)] = st((e - o) * c);
-    }
-#else
-    for (int j = threadIdx.x; j < C; j += blockDim.x)
-      zh[n * 2 * ZR + (j & ~31) + kpos(j & 31)] = keep[j] ? xn[j] : (u16)0;
+  // inputs -> shared memory in the MMA k order: 8 columns (16 bytes) per item, SU items of a
+  // thread loaded before any is stored, so the loads overlap instead of queuing one by one
+  const int per = C >> 3, items = N * per;
+  for (int base = threadIdx.x; base < items; base += SU * blockDim.x) {
+    uint4 v[SU];
+#if !ROW
+    uint2 kp[SU];
 #endif
-    for (int j = threadIdx.x; j < SW * 32; j += blockDim.x) {
-      const int col = sc[j];
-      zsh[n * 2 * ZSR + (j & ~31) + kpos(j & 31)] = col >= 0 ? xn[col] : (u16)0;
+#pragma unroll
+    for (int u = 0; u < SU; ++u) {
+      const int it = base + u * blockDim.x;
+      if (it < items) {
+        v[u] = reinterpret_cast<const uint4*>(x)[it];  // token rows are C (a multiple of 8) apart
+#if !ROW
+        kp[u] = reinterpret_cast<const uint2*>(keep)[it % per];
+#endif
+      }
     }
+#pragma unroll
+    for (int u = 0; u < SU; ++u) {
+      const int it = base + u * blockDim.x;
+      if (it < items) {
+        const int n = it / per, j0 = (it - n * per) * 8;
+        u16* zn = zh + n * 2 * ZR;
+        const unsigned two[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+#if ROW
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {  // column pair (j0/2 + k) of block b -> Haar low / high
+          const float e = ld((u16)(two[k] & 0xffff)), o = ld((u16)(two[k] >> 16));
+          const int qq = (j0 >> 1) + k, b = qq / (BS / 2), j = b * BS + (qq - b * (BS / 2));
+          const int j2 = j + BS / 2;
+          zn[(j & ~31) + kpos(j & 31)] = st((e + o) * c);
+          zn[(j2 & ~31) + kpos(j2 & 31)] = st((e - o) * c);
+        }
+#else
+        const unsigned kk[2] = {kp[u].x, kp[u].y};
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const int j = j0 + k;
+          const u16 h = (u16)(k & 1 ? two[k >> 1] >> 16 : two[k >> 1] & 0xffff);
+          zn[(j & ~31) + kpos(j & 31)] = (kk[k >> 2] >> (8 * (k & 3))) & 0xff ? h : (u16)0;
+        }
+#endif
+      }
+    }
+  }
+  for (int j = threadIdx.x; j < SW * 32; j += blockDim.x) {  // x at the salient slots, all tokens
+    const int col = sc[j];
+    u16 h[NT];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) h[n] = col >= 0 && n < N ? x[(size_t)n * C + col] : (u16)0;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+      if (n < N) zsh[n * 2 * ZSR + (j & ~31) + kpos(j & 31)] = h[n];
   }
   __syncthreads();
   const int lane = threadIdx.x & 31, kw = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
@@ -235,7 +271,7 @@ def _kernel(row: bool, nt: int, bf16: bool, bs: int, mv: int, msv: int, ssv: int
 def macros(row: bool, nt: int, bf16: bool, bs: int, mv: int, msv: int, ssv: int) -> dict:
     """Compile-time constants: layout, tokens a launch, dtype, blocksize, main word vector, main
     and salient statistics vectors (runtime.word_vec / stats_vec)."""
-    return dict(ROW=int(row), NT=nt, DT=int(bf16), BS=bs, MV=mv, MSV=msv, SSV=ssv)
+    return dict(ROW=int(row), NT=nt, DT=int(bf16), BS=bs, MV=mv, MSV=msv, SSV=ssv, SU=8)
 
 
 @functools.lru_cache(maxsize=None)

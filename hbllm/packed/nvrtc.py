@@ -90,7 +90,7 @@ def launch(kernel, x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: 
     main and salient band buffers, the col layout's non-salient mask, tokens, R, C, salient words,
     main statistics groups, blocks, words per main group, the inverse-Haar constant, then
     ``extra``."""
-    if x.data_ptr() % 4:  # the row kernels read x as pairs of 16-bit values
+    if x.data_ptr() % 16:  # the kernels read x 16 bytes (8 columns) or a column pair at a time
         x = x.clone()
     n, cols = x.shape
     rows, row, bs = meta["rows"], meta["layout"] == "row", meta["blocksize"]
