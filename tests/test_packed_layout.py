@@ -183,7 +183,7 @@ def test_cuda_sources_compile_for_sm90():
                 ptx = _compile_ptx(nvrtc.full_source(cuda_lut.SOURCE, "k", **cuda_lut.macros(
                     row, nt, bf16, bs, cb, mv, msv, ssv, svec, ssvec)))
                 assert (".v4.u32" in ptx) == (mv == 4 or svec or ssvec)
-            for nt, bf16 in ((1, True), (8, False)):
+            for nt, bf16 in ((1, True), (8, False), (16, True)):
                 ptx = _compile_ptx(nvrtc.full_source(cuda_mma.SOURCE, "k", **cuda_mma.macros(
                     row, nt, bf16, bs, mv, msv, ssv)))
                 assert "mma.sync.aligned.m16n8k16" in ptx

@@ -66,9 +66,10 @@ def test_auto_picks_each_kernel_by_tokens(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["row", "col"])
-@pytest.mark.parametrize("batch", [1, 2, 7, 8, 13])
+@pytest.mark.parametrize("batch", [1, 2, 7, 8, 13, 16])
 def test_mma_gemv_odd_pairs_and_tokens(layout, batch):
-    """70 rows: 35 pairs, the last 16-pair tile is partial; 7 tokens: a partial n-tile."""
+    """70 rows: 35 pairs, the last 16-pair tile is partial; 7 tokens: a partial n-tile; 13 and 16:
+    two n-tiles in one launch (13: the second partial)."""
     codes = random_codes(layout, 70, 384, seed=batch)
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
     mod.gemv = "mma"
@@ -78,12 +79,13 @@ def test_mma_gemv_odd_pairs_and_tokens(layout, batch):
 
 
 def test_large_shapes_chunk_tokens():
-    """C = 11008 (LLaMA down_proj): 4 tokens do not fit one block's shared memory at once."""
+    """C = 11008 (LLaMA down_proj): 16 tokens do not fit one block's shared memory at once (the
+    tensor-core GEMV takes 8 a launch)."""
     codes = random_codes("row", 128, 11008, seed=5)
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
-    x = torch.randn(8, codes.cols, device="cuda", dtype=torch.float16)
+    x = torch.randn(16, codes.cols, device="cuda", dtype=torch.float16)
     ref = x.double() @ dequantize(codes).double().cuda().T
-    for gemv, n in (("mma", 8), ("lut", 4), ("lut", 8)):
+    for gemv, n in (("mma", 8), ("mma", 16), ("lut", 4), ("lut", 8)):
         mod.gemv = gemv
         assert ((mod(x[:n]).double() - ref[:n]).norm() / ref[:n].norm()).item() < 4e-3, gemv
 

@@ -114,7 +114,7 @@ __device__ __forceinline__ void tables(float* tb, float* tw, int N, int npos, in
     if (n < NT && (p & 7) == 0) tw[n * (npos_all >> 3) + (p >> 3)] = sum;
   }
 }
-extern "C" __global__ void NAME(PACKED_ARGS, const int* __restrict__ sfirst, float* __restrict__ ws,
+extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS, const int* __restrict__ sfirst, float* __restrict__ ws,
                                 unsigned* __restrict__ cnt, int SMAX) {
   extern __shared__ float4 smem4[];
   float* tm = reinterpret_cast<float*>(smem4);  // [NT][POS][16] main tables

@@ -1,5 +1,8 @@
 """Few-token packed linear on tensor cores (``mma.m16n8k16``), compiled at first use with NVRTC.
 
+Up to 16 tokens a launch: two n-tiles of 8 share every loaded word (where one token row of the
+input per n-tile fits shared memory; else 8 tokens a launch).
+
 Each coefficient of a statistics group is ``w = mid + amid S + dm G + da SG`` with ``S, G, SG``
 in {-1, +1} (sign bit, group bit, and their agreement) and ``mid = (m0+m1)/2``,
 ``amid = (a0+a1)/2``, ``dm = (m1-m0)/2``, ``da = (a1-a0)/2``. So a 16-row tile times the input is
@@ -27,7 +30,7 @@ import torch
 
 from . import nvrtc
 
-MAX_TOKENS = 8  # one n-tile of the MMA
+MAX_TOKENS = 16  # two n-tiles of the MMA (8 tokens each) share each loaded word
 # Warps per block: CONFIG, the fallback (best of scripts/bench_kernel.py --tune summed over the 7B
 # shapes on an H100, row-major layout); TUNED per (rows, cols, tokens), as ``--tune`` prints it.
 CONFIG = {"ksplit": 16}
@@ -53,6 +56,8 @@ __device__ __forceinline__ int kpos(int b) {
   const int i = b & 15;
   return ((i >> 3) << 4) + (((i >> 2) & 1) << 3) + ((i & 3) << 1) + (b >> 4);
 }
+#define NTILE (NT > 8 ? 2 : 1)  // n-tiles of 8 tokens
+#define NT8 (8 * NTILE)         // tokens of the fin rows
 __device__ __forceinline__ unsigned pm(unsigned neg, int sh) { return ((neg << sh) & 0x80008000u) | ONE; }
 struct Acc { float t[4], s[4], g[4], x[4]; };
 __device__ __forceinline__ void clear(Acc& A) {
@@ -98,13 +103,16 @@ __device__ __forceinline__ void flush(float* out, Acc& A, uint2 t0, uint2 t1) {
 // (V == UW, w0 and w1 multiples of UW).
 #define UW 4
 template <int VL>
-__device__ __forceinline__ void band2(float* o1, float* o2, const unsigned* __restrict__ sg,
+__device__ __forceinline__ void band2(float (*o1)[4], float (*o2)[4], const unsigned* __restrict__ sg,
     const unsigned* __restrict__ mb, const uint2* __restrict__ stats, const int* __restrict__ grp,
-    int wpg, int t, int g, int W, int V, int G, int SV, int w0, int w1, const unsigned* z, int q,
-    const int* sh) {
-  Acc A, B;
-  clear(A);
-  clear(B);
+    int wpg, int t, int g, int W, int V, int G, int SV, int w0, int w1, const unsigned* z,
+    int zstride, int q, const int* sh) {
+  Acc A[NTILE], B[NTILE];  // per n-tile of 8 tokens (this lane's token rows: z, z + zstride)
+#pragma unroll
+  for (int h = 0; h < NTILE; ++h) {
+    clear(A[h]);
+    clear(B[h]);
+  }
   for (int wb = w0; wb < w1; wb += UW) {
     unsigned vs[UW][4], vm[UW][4];
     int gw[UW + 1];
@@ -133,25 +141,34 @@ __device__ __forceinline__ void band2(float* o1, float* o2, const unsigned* __re
     for (int u = 0; u < UW; ++u) {
       const int w = wb + u;
       if (w < w1) {
-        word(A, vs[u][0], vm[u][0], vs[u][1], vm[u][1], z + w * 16, q, sh);
-        word(B, vs[u][2], vm[u][2], vs[u][3], vm[u][3], z + w * 16, q, sh);
+#pragma unroll
+        for (int h = 0; h < NTILE; ++h) {
+          word(A[h], vs[u][0], vm[u][0], vs[u][1], vm[u][1], z + h * zstride + w * 16, q, sh);
+          word(B[h], vs[u][2], vm[u][2], vs[u][3], vm[u][3], z + h * zstride + w * 16, q, sh);
+        }
         if (gw[u + 1] != gw[u]) {
           const int gg = gw[u];
-          flush(o1, A, stats[tidx(t, gg, g, G, SV)], stats[tidx(t, gg, g + 8, G, SV)]);
-          flush(o2, B, stats[tidx(t, gg, g + 16, G, SV)], stats[tidx(t, gg, g + 24, G, SV)]);
+          const uint2 ta = stats[tidx(t, gg, g, G, SV)], tb = stats[tidx(t, gg, g + 8, G, SV)];
+          const uint2 tc = stats[tidx(t, gg, g + 16, G, SV)], td = stats[tidx(t, gg, g + 24, G, SV)];
+#pragma unroll
+          for (int h = 0; h < NTILE; ++h) {
+            flush(o1[h], A[h], ta, tb);
+            flush(o2[h], B[h], tc, td);
+          }
         }
       }
     }
   }
 }
-extern "C" __global__ void NAME(PACKED_ARGS) {
+// at most 16 warps (8 with two n-tiles), so the registers of a block always fit an SM
+extern "C" __global__ void __launch_bounds__(NTILE == 2 ? 256 : 512) NAME(PACKED_ARGS) {
   extern __shared__ unsigned smem[];
   const int W = C >> 5, KS = blockDim.x >> 5;
   const int ZR = (C >> 1) + 4, ZSR = SW * 16 + 4;  // u32 per token row (the +4 spreads the banks)
   unsigned* z = smem;                               // [NT][ZR] main input, MMA k order
   unsigned* zs = z + NT * ZR;                       // [NT][ZSR] x at the salient slots
-  float* red = reinterpret_cast<float*>(zs + NT * ZSR);  // [KS][4 tiles][32 lanes][4]
-  float* fin = red + KS * 512;                      // [4 tiles][16 rows][8 tokens]
+  float* red = reinterpret_cast<float*>(zs + NT * ZSR);  // [KS][NTILE][4 tiles][32 lanes][4]
+  float* fin = red + KS * 512 * NTILE;              // [4 tiles][16 rows][NT tokens]
   u16* zh = reinterpret_cast<u16*>(z);
   u16* zsh = reinterpret_cast<u16*>(zs);
   const float c = (float)cd;
@@ -215,44 +232,56 @@ extern "C" __global__ void NAME(PACKED_ARGS) {
   int sh[4];
 #pragma unroll
   for (int k = 0; k < 4; ++k) sh[k] = 15 - (4 * k + q);  // (tau, r) = (k >> 1, k & 1): i = 8 tau + 4 r + q
-  const int tok = g < N ? g : N - 1;
+  const int tok = g < N ? g : N - 1;  // this lane's token row (n-tile 0; n-tile 1: 8 on)
+#if NTILE == 2
+  const int zstep = (g + 8 < N ? g + 8 : N - 1) - tok;
+#else
+  const int zstep = 0;
+#endif
   const unsigned* zt = z + tok * ZR;
   const unsigned* zst = zs + tok * ZSR;
   const int tile = blockIdx.x, p0 = tile * 16;  // row tile: lanes g, g + 8, g + 16, g + 24 of it
   // warps split the main words by whole quantization blocks (so by groups, and on vectors)
   const int m0 = (NB * kw / KS) * (BS / 32), m1 = (NB * (kw + 1) / KS) * (BS / 32);
   const int s0 = SW * kw / KS, s1 = SW * (kw + 1) / KS;
-  float out[4][4];
+  float out[4][NTILE][4];  // [row tile: main 0/1 or pair low/high 2/3][n-tile][fragment]
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) out[i][j] = 0.f;
+    for (int h = 0; h < NTILE; ++h)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[i][h][j] = 0.f;
 #if ROW
-  band2<MV == UW>(out[0], out[1], ms, mm, mst, nullptr, WPG, tile, g, W, MV, G, MSV, m0, m1, zt, q, sh);
+  band2<MV == UW>(out[0], out[1], ms, mm, mst, nullptr, WPG, tile, g, W, MV, G, MSV, m0, m1, zt,
+                  zstep * ZR, q, sh);
 #else
-  band2<MV == UW>(out[2], out[3], ms, mm, mst, nullptr, WPG, tile, g, W, MV, G, MSV, m0, m1, zt, q, sh);
+  band2<MV == UW>(out[2], out[3], ms, mm, mst, nullptr, WPG, tile, g, W, MV, G, MSV, m0, m1, zt,
+                  zstep * ZR, q, sh);
 #endif
-  band2<0>(out[2], out[3], ss, sm, sst, sgrp, 1, tile, g, SW, 1, NB, SSV, s0, s1, zst, q, sh);
+  band2<0>(out[2], out[3], ss, sm, sst, sgrp, 1, tile, g, SW, 1, NB, SSV, s0, s1, zst,
+           zstep * ZSR, q, sh);
 #pragma unroll
   for (int t = 0; t < 4; ++t)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) red[((kw * 4 + t) * 32 + lane) * 4 + j] = out[t][j];
+    for (int h = 0; h < NTILE; ++h)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) red[(((kw * NTILE + h) * 4 + t) * 32 + lane) * 4 + j] = out[t][h][j];
   __syncthreads();
-  for (int i = threadIdx.x; i < 512; i += blockDim.x) {  // i = (tile, lane, j)
+  for (int i = threadIdx.x; i < 512 * NTILE; i += blockDim.x) {  // i = (n-tile, tile, lane, j)
     float v = 0.f;
-    for (int k = 0; k < KS; ++k) v += red[k * 512 + i];
-    const int t = i >> 7, l = (i >> 2) & 31, j = i & 3;
-    const int row = (l >> 2) + 8 * (j >> 1), tk = 2 * (l & 3) + (j & 1);
-    fin[(t * 16 + row) * 8 + tk] = v;
+    for (int k = 0; k < KS; ++k) v += red[k * 512 * NTILE + i];
+    const int h = i >> 9, t = (i >> 7) & 3, l = (i >> 2) & 31, j = i & 3;
+    const int row = (l >> 2) + 8 * (j >> 1), tk = 8 * h + 2 * (l & 3) + (j & 1);
+    fin[(t * 16 + row) * NT8 + tk] = v;
   }
   __syncthreads();
   for (int i = threadIdx.x; i < 32 * N; i += blockDim.x) {  // i = (token, output row of the block)
     const int n = i >> 5, o = i & 31, pp = o >> 1, orow = 2 * p0 + o;
     if (orow >= R) continue;
-    const float lo = fin[(2 * 16 + pp) * 8 + n], hi = fin[(3 * 16 + pp) * 8 + n];
+    const float lo = fin[(2 * 16 + pp) * NT8 + n], hi = fin[(3 * 16 + pp) * NT8 + n];
     const float pair = c * ((o & 1) ? lo - hi : lo + hi);
 #if ROW
-    const float v = fin[((o >> 4) * 16 + (o & 15)) * 8 + n] + pair;
+    const float v = fin[((o >> 4) * 16 + (o & 15)) * NT8 + n] + pair;
 #else
     const float v = pair;
 #endif
@@ -293,7 +322,13 @@ def config(rows: int, cols: int, nt: int) -> dict:
 
 
 def smem_bytes(cols: int, sal_words: int, nt: int, ksplit: int) -> int:
-    return 4 * (nt * (cols // 2 + 4 + sal_words * 16 + 4) + ksplit * 512 + 512)
+    ntile = 2 if nt > 8 else 1
+    return 4 * (nt * (cols // 2 + 4 + sal_words * 16 + 4) + ksplit * 512 * ntile + 512 * ntile)
+
+
+def warps(ksplit: int, nt: int) -> int:
+    """Warps of a launch: ``ksplit``, at most 8 with two n-tiles (their registers: 256 threads)."""
+    return min(ksplit, 8) if nt > 8 else ksplit
 
 
 def fits(cols: int, sal_words: int, device: torch.device) -> bool:
@@ -306,10 +341,14 @@ def gemv(x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float) -> 
     n, cols = x.shape
     sal_words = rt["sal_wgrp"].numel()
     device = nvrtc.device_index(x.device)
-    ksplit = config(meta["rows"], cols, min(n, MAX_TOKENS))["ksplit"]
     nt = 1
-    while nt < min(n, MAX_TOKENS) and smem_bytes(cols, sal_words, 2 * nt, ksplit) <= nvrtc.smem_limit(device):
+    while (nt < min(n, MAX_TOKENS) and smem_bytes(cols, sal_words, 2 * nt,
+                                                   warps(CONFIG["ksplit"], 2 * nt))
+           <= nvrtc.smem_limit(device)):
         nt *= 2
+    ksplit = warps(config(meta["rows"], cols, nt)["ksplit"], nt)
+    if smem_bytes(cols, sal_words, nt, ksplit) > nvrtc.smem_limit(device):
+        ksplit = warps(CONFIG["ksplit"], nt)
     mv, msv, ssv = rt["main_sign"].shape[-1], rt["main_stats"].shape[-2], rt["sal_stats"].shape[-2]
     kernel = _kernel(meta["layout"] == "row", nt, x.dtype == torch.bfloat16, meta["blocksize"],
                      mv, msv, ssv, device)

@@ -2,7 +2,7 @@
 
 On CUDA, fp16/bf16 inputs run one of three kernels, chosen per (layer shape, tokens) by
 :func:`kernel_for`: the NVRTC-compiled lookup-table GEMV of :mod:`hbllm.packed.cuda_lut` (up to
-4 tokens a launch), the tensor-core GEMV of :mod:`hbllm.packed.cuda_mma` (up to 8 tokens a
+4 tokens a launch), the tensor-core GEMV of :mod:`hbllm.packed.cuda_mma` (up to 16 tokens a
 launch) or :mod:`hbllm.packed.triton_kernels` (row layout: one fused ``tl.dot`` launch; col
 layout: two ``tl.dot`` band launches plus torch glue), which also serves few tokens where NVRTC
 is missing. Elsewhere the plain torch band path of :mod:`hbllm.packed.runtime`. None keeps a
@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     triton_kernels = None
 
 GEMV_MAX_TOKENS = 4  # fallback rule: up to this many tokens the lookup-table GEMV (cuda_lut),
-MMA_MAX_TOKENS = 16  # up to this many the tensor-core GEMV (cuda_mma, 8 tokens a launch); then Triton
+MMA_MAX_TOKENS = 16  # up to this many the tensor-core GEMV (cuda_mma); then Triton
 KERNELS = ("lut", "mma", "triton")
 # Measured choice per layer shape: (rows, cols) -> ((most tokens, kernel), ...) in increasing
 # token order, as ``scripts/bench_kernel.py`` prints it; token counts past the last entry, and
