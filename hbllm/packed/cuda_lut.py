@@ -114,8 +114,8 @@ __device__ __forceinline__ void tables(float* tb, float* tw, int N, int npos, in
     if (n < NT && (p & 7) == 0) tw[n * (npos_all >> 3) + (p >> 3)] = sum;
   }
 }
-extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS, const int* __restrict__ sfirst, float* __restrict__ ws,
-                                unsigned* __restrict__ cnt, int SMAX) {
+extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
+    const int* __restrict__ sfirst, float* __restrict__ ws, unsigned* __restrict__ cnt, int SMAX) {
   extern __shared__ float4 smem4[];
   float* tm = reinterpret_cast<float*>(smem4);  // [NT][POS][16] main tables
   float* tsl = tm + NT * POS * 16;              // [NT][SMAX * 8][16] salient tables
@@ -136,7 +136,8 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS, const int* _
   for (int i = 0; i < WC; i += MV) {
     if (i < nw) {
       const size_t at = ((size_t)t * (W / MV) + (w0 + i) / MV) * 32 + lane;
-      const wvec a = reinterpret_cast<const wvec*>(ms)[at], b = reinterpret_cast<const wvec*>(mm)[at];
+      const wvec a = reinterpret_cast<const wvec*>(ms)[at];
+      const wvec b = reinterpret_cast<const wvec*>(mm)[at];
       unvec(a, s + i);
       unvec(b, g + i);
     }
@@ -146,7 +147,8 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS, const int* _
   for (int i = 0; i < NGC; i += 1 + SVEC) {
     if (i * GW < nw) {
 #if SVEC  // two groups per 16-byte load
-      const uint4 v = reinterpret_cast<const uint4*>(mst)[((size_t)t * (G / 2) + (g0 + i) / 2) * 32 + lane];
+      const size_t at = ((size_t)t * (G / 2) + (g0 + i) / 2) * 32 + lane;
+      const uint4 v = reinterpret_cast<const uint4*>(mst)[at];
       tg[i] = make_uint2(v.x, v.y);
       tg[i + 1] = make_uint2(v.z, v.w);
 #else
@@ -165,7 +167,8 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS, const int* _
     if (b < ncb) {
 #if SSVEC
       if (b % 2 == 0) {
-        const uint4 v = reinterpret_cast<const uint4*>(sst)[((size_t)t * (NB / 2) + (cb0 + b) / 2) * 32 + lane];
+        const size_t at = ((size_t)t * (NB / 2) + (cb0 + b) / 2) * 32 + lane;
+        const uint4 v = reinterpret_cast<const uint4*>(sst)[at];
         ts[b] = make_uint2(v.x, v.y);
         if (b + 1 < CB) ts[b + 1] = make_uint2(v.z, v.w);
       }

@@ -103,8 +103,8 @@ __device__ __forceinline__ void flush(float* out, Acc& A, uint2 t0, uint2 t1) {
 // (V == UW, w0 and w1 multiples of UW).
 #define UW 4
 template <int VL>
-__device__ __forceinline__ void band2(float (*o1)[4], float (*o2)[4], const unsigned* __restrict__ sg,
-    const unsigned* __restrict__ mb, const uint2* __restrict__ stats, const int* __restrict__ grp,
+__device__ __forceinline__ void band2(float (*o1)[4], float (*o2)[4],
+    const unsigned* __restrict__ sg, const unsigned* __restrict__ mb, const uint2* __restrict__ stats, const int* __restrict__ grp,
     int wpg, int t, int g, int W, int V, int G, int SV, int w0, int w1, const unsigned* z,
     int zstride, int q, const int* sh) {
   Acc A[NTILE], B[NTILE];  // per n-tile of 8 tokens (this lane's token rows: z, z + zstride)
@@ -120,7 +120,8 @@ __device__ __forceinline__ void band2(float (*o1)[4], float (*o2)[4], const unsi
     for (int k = 0; k < 4; ++k) {
       if (VL) {
         const size_t at = ((size_t)t * (W / UW) + wb / UW) * 32 + g + 8 * k;
-        const uint4 a = reinterpret_cast<const uint4*>(sg)[at], b = reinterpret_cast<const uint4*>(mb)[at];
+        const uint4 a = reinterpret_cast<const uint4*>(sg)[at];
+        const uint4 b = reinterpret_cast<const uint4*>(mb)[at];
         vs[0][k] = a.x; vs[1][k] = a.y; vs[2][k] = a.z; vs[3][k] = a.w;
         vm[0][k] = b.x; vm[1][k] = b.y; vm[2][k] = b.z; vm[3][k] = b.w;
       } else {
@@ -149,7 +150,8 @@ __device__ __forceinline__ void band2(float (*o1)[4], float (*o2)[4], const unsi
         if (gw[u + 1] != gw[u]) {
           const int gg = gw[u];
           const uint2 ta = stats[tidx(t, gg, g, G, SV)], tb = stats[tidx(t, gg, g + 8, G, SV)];
-          const uint2 tc = stats[tidx(t, gg, g + 16, G, SV)], td = stats[tidx(t, gg, g + 24, G, SV)];
+          const uint2 tc = stats[tidx(t, gg, g + 16, G, SV)];
+          const uint2 td = stats[tidx(t, gg, g + 24, G, SV)];
 #pragma unroll
           for (int h = 0; h < NTILE; ++h) {
             flush(o1[h], A[h], ta, tb);
@@ -265,7 +267,8 @@ extern "C" __global__ void __launch_bounds__(NTILE == 2 ? 256 : 512) NAME(PACKED
 #pragma unroll
     for (int h = 0; h < NTILE; ++h)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) red[(((kw * NTILE + h) * 4 + t) * 32 + lane) * 4 + j] = out[t][h][j];
+      for (int j = 0; j < 4; ++j)
+        red[(((kw * NTILE + h) * 4 + t) * 32 + lane) * 4 + j] = out[t][h][j];
   __syncthreads();
   for (int i = threadIdx.x; i < 512 * NTILE; i += blockDim.x) {  // i = (n-tile, tile, lane, j)
     float v = 0.f;
@@ -293,7 +296,8 @@ extern "C" __global__ void __launch_bounds__(NTILE == 2 ? 256 : 512) NAME(PACKED
 
 @functools.lru_cache(maxsize=None)
 def _kernel(row: bool, nt: int, bf16: bool, bs: int, mv: int, msv: int, ssv: int, device: int):
-    name = f"hbllm_mma_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}_{mv}{msv}{ssv}"
+    name = (f"hbllm_mma_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}"
+            f"_{mv}{msv}{ssv}")
     return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bf16, bs, mv, msv, ssv))
 
 

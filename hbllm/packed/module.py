@@ -63,7 +63,7 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(device),
                                                            requires_grad=False)
         self.use_triton = True  # set False to force the torch path on CUDA (tests, benchmarks)
-        self.gemv = "auto"  # kernel on CUDA: "auto" (kernel_for), or one of KERNELS (tests, benchmarks)
+        self.gemv = "auto"  # CUDA kernel: "auto" (kernel_for) or one of KERNELS (tests, benchmarks)
         most = int(self.sal_first.diff().max()) if self.sal_first.numel() > 1 else 0
         self._scratch: dict = {"block_sal_words": most}  # the lookup-table GEMV's sizes, workspace
 

@@ -20,7 +20,8 @@ statistics group) for its 32 rows reads consecutive memory:
 * words int32 ``(T, W/V, 32, V)``: tile ``t``, word ``w`` of lane ``l`` at ``[t, w // V, l, w % V]``
   (``V`` words of a lane are one 16-byte (V=4) or 8-byte (V=2) load, a warp's load is 32V
   consecutive words);
-* statistics fp16 ``(T, G/SV, 32, SV, 4)``: group ``g`` of lane ``l`` at ``[t, g // SV, l, g % SV]``.
+* statistics fp16 ``(T, G/SV, 32, SV, 4)``: group ``g`` of lane ``l`` at
+  ``[t, g // SV, l, g % SV]``.
 
 Lane ``l`` of tile ``t`` is band row ``32t + l`` for the row layout's main band (*direct* rows: the
 output rows) and, for the bands whose rows are [low pairs; high pairs] (col layout main band,
