@@ -104,7 +104,8 @@ __device__ __forceinline__ void flush(float* out, Acc& A, uint2 t0, uint2 t1) {
 #define UW 4
 template <int VL>
 __device__ __forceinline__ void band2(float (*o1)[4], float (*o2)[4],
-    const unsigned* __restrict__ sg, const unsigned* __restrict__ mb, const uint2* __restrict__ stats, const int* __restrict__ grp,
+    const unsigned* __restrict__ sg, const unsigned* __restrict__ mb,
+    const uint2* __restrict__ stats, const int* __restrict__ grp,
     int wpg, int t, int g, int W, int V, int G, int SV, int w0, int w1, const unsigned* z,
     int zstride, int q, const int* sh) {
   Acc A[NTILE], B[NTILE];  // per n-tile of 8 tokens (this lane's token rows: z, z + zstride)
