@@ -1,32 +1,41 @@
 """Packed HBLLM linears vs fp16 cuBLAS on a CUDA GPU: correctness, latency, bandwidth, 7B decode.
 
-    python scripts/bench_kernel.py [--tune] [--json results.json] [--skip-7b]
+    PYTHONPATH=$PWD python3 scripts/bench_kernel.py [--tune [lut mma mm]] [--json F] [--skip-7b]
 
 For each LLaMA-2-7B linear shape (out x in) a random Gaussian weight is quantized with HBLLM
 (row layout, random-activation Hessian) on the GPU and packed. Latencies are medians of CUDA-graph
 replays over enough copies of the layer to exceed twice the L2 cache; bandwidth counts the packed
-buffers (or the fp16 weight) plus input and output once. The 7B-shaped model has random fp16
-weights; its 224 decoder linears are replaced by copies of the three packed layers.
+buffers (or the fp16 weight) plus input and output once, against the measured device-to-device
+copy bandwidth. Every packed kernel (lookup-table GEMV, tensor-core GEMV, Triton) is timed alone
+at 1/4/8/16 tokens beside cuBLAS fp16; the fastest per (shape, tokens) becomes
+``module.KERNEL_TABLE`` for the "auto" timing and the 7B run, and is printed as a Python literal
+to record in hbllm/packed/module.py (``--tune``: the per-shape launch configs likewise, for
+``cuda_lut.TUNED`` / ``cuda_mma.TUNED``). The 7B-shaped model has random fp16 weights; its 224
+decoder linears are replaced by copies of the three packed layers; decode is timed as one CUDA
+graph per step (static cache) and with eager ``generate``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import statistics
 import time
 
 import torch
 import triton
-from triton.testing import do_bench, do_bench_cudagraph
+from triton.testing import do_bench
 
 import hbllm
 from hbllm.config import QuantConfig
-from hbllm.packed import cuda_gemv, cuda_lut, cuda_mma, triton_kernels
+from hbllm.packed import cuda_lut, cuda_mma, module, triton_kernels
 from hbllm.packed.codes import dequantize, from_quantizer
 from hbllm.packed.format import linear_meta, pack_linear, tensor_bytes
 from hbllm.packed.module import PackedLinear
 
 SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
+BATCHES = (1, 4, 8, 16)
+TOL = 4e-3  # fp16 output vs float64 reference (tests/test_packed_triton.py)
 LLAMA7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
 
@@ -52,10 +61,45 @@ def quantize_shape(rows: int, cols: int, quant: QuantConfig, seed: int):
     return codes, res.bits, time.perf_counter() - tick
 
 
-def graph_time_us(mods, x) -> float:
-    """Median microseconds per call, CUDA-graph replay of one call on each module in turn."""
-    ms = do_bench_cudagraph(lambda: [m(x) for m in mods], rep=200, return_mode="median")
-    return 1e3 * ms / len(mods)
+def _capture(fn, times: int) -> torch.cuda.CUDAGraph:
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(times):
+            fn()
+    return graph
+
+
+def graph_time_us(mods, x, target_ms: float = 4.0, replays: int = 21) -> float:
+    """Median microseconds per call: one call on each module in turn, captured ``k`` times in one
+    CUDA graph (``k`` so that a replay takes about ``target_ms``), replayed ``replays`` times."""
+    def fn():
+        for m in mods:
+            m(x)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: compiles, workspaces
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    one = _capture(fn, 1)
+    one.replay()
+    start.record()
+    one.replay()
+    end.record()
+    torch.cuda.synchronize()
+    k = max(1, math.ceil(target_ms / max(start.elapsed_time(end), 1e-3)))
+    graph = _capture(fn, k)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph, one
+    return 1e3 * statistics.median(times) / (k * len(mods))
 
 
 def module_bytes(mod) -> int:
@@ -68,39 +112,74 @@ def copies(make, nbytes: int, l2: int):
     return [make() for _ in range(max(2, math.ceil(2 * l2 / nbytes)))]
 
 
+def set_kernel(mods, kernel: str) -> None:
+    for m in mods:
+        m.gemv = kernel
+
+
 def tune(packs, l2: int, only=None) -> dict:
-    """Pick the launch configs by graph time summed over the shapes: the CUDA GEMV at batch 1,
-    the tensor-core GEMV at batch 8, the Triton tl.dot tiles at batch 16."""
-    mods = {k: copies(lambda: PackedLinear(p, m, device="cuda"), 8 << 20, l2) for k, (p, m) in packs.items()}
-    xs = {b: {k: torch.randn(b, m["cols"], device="cuda", dtype=torch.float16)
-              for k, (_, m) in packs.items()} for b in (1, 8, 16)}
-    kernel_of = {"lut": "lut", "gemv": "cuda", "mma": "mma", "mm": "triton"}
-    sweeps = {
-        (1, "lut"): (cuda_lut.CONFIG, [dict(warps=w, cb=cb) for w in (2, 4, 8, 16) for cb in (1, 2, 4)]),
-        (1, "gemv"): (cuda_gemv.CONFIG,
-                      [dict(warps=w, unroll=u) for w in (2, 4, 8, 16) for u in (2, 4, 8)]),
-        (8, "mma"): (cuda_mma.CONFIG, [dict(ksplit=k) for k in (4, 8, 16)]),
-        (16, "mm"): (triton_kernels.MM_CONFIG,
-                     [dict(bn=16, br=br, cw=4, split=sp, num_warps=4) for br in (32, 64)
-                      for sp in (1, 4, 8)]),
-    }
+    """Per shape, the launch config of the lookup-table GEMV (1 and 4 tokens a launch) and of the
+    tensor-core GEMV (8 and 16 tokens) by graph time, written into ``cuda_lut.TUNED`` /
+    ``cuda_mma.TUNED``; ``mm``: the Triton tiles' config summed over the shapes at 16 tokens."""
+    sweeps = {"lut": (cuda_lut.TUNED, (1, 4), [dict(warps=w, cb=cb) for w in (2, 4, 8, 16)
+                                                  for cb in (1, 2, 4)]),
+              "mma": (cuda_mma.TUNED, (8, 16), [dict(ksplit=k) for k in (4, 8, 16)])}
     chosen = {}
-    for (batch, name), (target, configs) in sweeps.items():
-        if only and name not in only:
-            continue
-        for ms in mods.values():
-            for m in ms:
-                m.gemv = kernel_of[name]
+    for label, (packed, meta) in packs.items():
+        rows, cols = meta["rows"], meta["cols"]
+        mods = copies(lambda: PackedLinear(packed, meta, device="cuda"), 8 << 20, l2)
+        for name, (table, tokens, configs) in sweeps.items():
+            if only and name not in only:
+                continue
+            set_kernel(mods, name)
+            for nt in tokens:
+                x = torch.randn(nt, cols, device="cuda", dtype=torch.float16)
+                times = []
+                for cfg in configs:
+                    table[(rows, cols, nt)] = cfg
+                    times.append(graph_time_us(mods, x))
+                best = configs[min(range(len(configs)), key=times.__getitem__)]
+                table[(rows, cols, nt)] = best
+                chosen[f"{name} {rows}x{cols} nt={nt}"] = {
+                    "best": best, "sweep": [dict(c, us=t) for c, t in zip(configs, times)]}
+                print(f"  tune {name} {label} {nt} tokens: {best} "
+                      f"({min(times):.2f} us; worst {max(times):.2f})", flush=True)
+        del mods
+        torch.cuda.empty_cache()
+    if not only or "mm" in only:
+        mods = {k: copies(lambda: PackedLinear(p, m, device="cuda"), 8 << 20, l2)
+                for k, (p, m) in packs.items()}
+        xs = {k: torch.randn(16, m["cols"], device="cuda", dtype=torch.float16)
+              for k, (_, m) in packs.items()}
+        configs = [dict(bn=16, br=br, cw=4, split=sp, num_warps=4) for br in (32, 64)
+                   for sp in (1, 4, 8)]
         times = []
         for cfg in configs:
-            target.update(cfg)
-            total = sum(graph_time_us(mods[k], xs[batch][k]) for k in packs)
-            times.append(total)
-            print(f"  {name} {cfg}: {total:8.2f} us over the shapes", flush=True)
+            triton_kernels.MM_CONFIG.update(cfg)
+            for ms in mods.values():
+                set_kernel(ms, "triton")
+            times.append(sum(graph_time_us(mods[k], xs[k]) for k in packs))
         best = configs[min(range(len(configs)), key=times.__getitem__)]
-        target.update(best)
-        chosen[name] = {"best": best, "sweep": [dict(c, us=t) for c, t in zip(configs, times)]}
-    return chosen  # (modules are rebuilt for timing; their default kernel choice is "auto")
+        triton_kernels.MM_CONFIG.update(best)
+        chosen["mm"] = {"best": best, "sweep": [dict(c, us=t) for c, t in zip(configs, times)]}
+        print(f"  tune mm: {best}", flush=True)
+    return chosen
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def kernel_entry(winners: dict) -> tuple:
+    """{tokens: fastest kernel} at the measured token counts -> KERNEL_TABLE entry: token counts
+    up to a measured one take its winner (neighbours with the same winner merged)."""
+    entry = []
+    for n in sorted(winners):
+        if entry and entry[-1][1] == winners[n]:
+            entry[-1] = (n, winners[n])
+        else:
+            entry.append((n, winners[n]))
+    return tuple(entry)
 
 
 def bench_layers(packs, codes, bw: float, l2: int) -> list:
@@ -111,29 +190,38 @@ def bench_layers(packs, codes, bw: float, l2: int) -> list:
         pk_bytes = module_bytes(pk[0])
         w16 = [torch.nn.Linear(cols, rows, bias=False, device="cuda", dtype=torch.float16)
                for _ in range(max(2, math.ceil(2 * l2 / (rows * cols * 2))))]
-        w_ref = dequantize(codes[label]).cuda()
-        for batch in (1, 4, 8, 16):
+        w_ref = dequantize(codes[label]).cuda().double()
+        found = {}
+        for batch in BATCHES:
             x = torch.randn(batch, cols, device="cuda", dtype=torch.float16)
-            ref = x.double() @ w_ref.double().T
-            err = ((pk[0](x).double() - ref).norm() / ref.norm()).item()
-            t_pk, t_fp = graph_time_us(pk, x), graph_time_us(w16, x)
-            t_eager = 1e3 * do_bench(lambda: pk[0](x), rep=100, return_mode="median")
-            t_alt = {}
-            for alt in ("lut", "cuda", "mma", "triton"):  # each few-token kernel alone (where it applies)
-                for m in pk:
-                    m.gemv = alt
-                t_alt[alt] = graph_time_us(pk, x)
-            for m in pk:
-                m.gemv = "auto"
-            t_tr = t_alt["triton"]
-            io = 2 * batch * (rows + cols)
-            row = {"shape": f"{rows}x{cols}", "layer": label, "batch": batch, "fp16_us": t_fp,
-                   "packed_us": t_pk, "packed_triton_us": t_tr, "packed_lut_us": t_alt["lut"],
-                   "packed_simt_us": t_alt["cuda"], "packed_mma_us": t_alt["mma"], "packed_eager_us": t_eager,
-                   "speedup": t_fp / t_pk,
+            ref = x.double() @ w_ref.T
+            t_fp = graph_time_us(w16, x)
+            t_k, err_k = {}, {}
+            for kernel in module.KERNELS:  # each kernel alone
+                set_kernel(pk, kernel)
+                err_k[kernel] = rel_err(pk[0](x), ref)
+                t_k[kernel] = graph_time_us(pk, x)
+            found[batch] = {"fp16_us": t_fp, "us": t_k, "err": err_k}
+        module.KERNEL_TABLE[(rows, cols)] = kernel_entry(
+            {b: min(f["us"], key=f["us"].get) for b, f in found.items()})
+        set_kernel(pk, "auto")
+        for batch in BATCHES:
+            x = torch.randn(batch, cols, device="cuda", dtype=torch.float16)
+            err = rel_err(pk[0](x), x.double() @ w_ref.T)
+            t_pk = graph_time_us(pk, x)
+            first = pk[0]
+            t_eager = 1e3 * do_bench(lambda: first(x), rep=100, return_mode="median")  # noqa: B023
+            f, io = found[batch], 2 * batch * (rows + cols)
+            row = {"shape": f"{rows}x{cols}", "layer": label, "batch": batch,
+                   "kernel": module.kernel_for(rows, cols, batch), "fp16_us": f["fp16_us"],
+                   "packed_us": t_pk, "packed_eager_us": t_eager,
+                   **{f"packed_{k}_us": f["us"][k] for k in module.KERNELS},
+                   **{f"rel_err_{k}": f["err"][k] for k in module.KERNELS},
+                   "speedup": f["fp16_us"] / t_pk,
                    "packed_GBps": (pk_bytes + io) / t_pk * 1e-3,
-                   "fp16_GBps": (rows * cols * 2 + io) / t_fp * 1e-3,
+                   "fp16_GBps": (rows * cols * 2 + io) / f["fp16_us"] * 1e-3,
                    "packed_bw_frac": (pk_bytes + io) / (t_pk * 1e-6) / bw,
+                   "fp16_bw_frac": (rows * cols * 2 + io) / (f["fp16_us"] * 1e-6) / bw,
                    "packed_MB": pk_bytes / 1e6, "rel_err_vs_dequant": err}
             rows_out.append(row)
             print(json.dumps(row), flush=True)
@@ -218,14 +306,52 @@ def bench_7b(packs) -> dict:
     return out
 
 
+def print_report(report: dict, tables: dict) -> None:
+    print(f"\n{report['device']}, copy {report['copy_GBps']:.0f} GB/s, "
+          f"{report['seconds']:.0f} s; configs {report['configs']}")
+    print("| layer | shape | batch | fp16 us | packed us | kernel | lut us | mma us | triton us "
+          "| speedup | packed GB/s | % copy BW (fp16) | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    bad = []
+    for r in report["layers"]:
+        print(f"| {r['layer']} | {r['shape']} | {r['batch']} | {r['fp16_us']:.1f} | "
+              f"{r['packed_us']:.1f} | {r['kernel']} | {r['packed_lut_us']:.1f} | "
+              f"{r['packed_mma_us']:.1f} | {r['packed_triton_us']:.1f} | {r['speedup']:.2f}x | "
+              f"{r['packed_GBps']:.0f} | {100 * r['packed_bw_frac']:.0f}% "
+              f"({100 * r['fp16_bw_frac']:.0f}%) | {r['rel_err_vs_dequant']:.1e} |")
+        errs = [r["rel_err_vs_dequant"]] + [r[f"rel_err_{k}"] for k in module.KERNELS]
+        if not all(e < TOL for e in errs):  # NaN fails too
+            bad.append((r["shape"], r["batch"], errs))
+    if "llama7b" in report:
+        d = report["llama7b"]
+        print(f"\n7B-shaped decode, tok/s: one CUDA graph per step fp16 "
+              f"{d.get('fp16_graph_tok_s', float('nan')):.1f} packed "
+              f"{d.get('packed_graph_tok_s', float('nan')):.1f}; eager generate fp16 "
+              f"{d['fp16_eager_tok_s']:.1f} packed {d['packed_eager_tok_s']:.1f}")
+    for batch, target in ((1, 2.5), (4, 1.5), (16, 1.0)):
+        got = [r["speedup"] for r in report["layers"] if r["batch"] == batch]
+        print(f"target batch {batch} >= {target}x: min {min(got):.2f}x -> "
+              f"{'met' if min(got) >= target else 'NOT met'}")
+    if "llama7b" in report and "packed_graph_tok_s" in report["llama7b"]:
+        d = report["llama7b"]
+        ratio = d["packed_graph_tok_s"] / d["fp16_graph_tok_s"]
+        print(f"target 7B decode >= 2x fp16: {ratio:.2f}x -> {'met' if ratio >= 2 else 'NOT met'}")
+    print("\n# measured tables (record in hbllm/packed/module.py, cuda_lut.py, cuda_mma.py):")
+    print("KERNEL_TABLE =", tables["kernel"])
+    print("cuda_lut.TUNED =", tables["lut"])
+    print("cuda_mma.TUNED =", tables["mma"])
+    print("ALL OUTPUTS WITHIN TOL" if not bad else f"ERRORS ABOVE {TOL}: {bad}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tune", nargs="*", default=None, metavar="KERNEL",
                     help="sweep the kernels' launch configs before timing (all, or those named: "
-                         "lut gemv mma mm)")
+                         "lut mma mm); lut and mma per shape")
     ap.add_argument("--skip-7b", action="store_true")
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args()
+    start = time.perf_counter()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     l2 = props.L2_cache_size
@@ -246,24 +372,21 @@ def main() -> None:
         print(label, json.dumps(report["quantize"][label]), flush=True)
     if args.tune is not None:
         report["tuning"] = tune(packs, l2, args.tune)
-    report["configs"] = {"lut": dict(cuda_lut.CONFIG), "mma": dict(cuda_mma.CONFIG), "gemv": dict(cuda_gemv.CONFIG),
+    report["configs"] = {"lut": dict(cuda_lut.CONFIG), "mma": dict(cuda_mma.CONFIG),
                          "triton_gemv": dict(triton_kernels.GEMV_CONFIG),
                          "mm": dict(triton_kernels.MM_CONFIG)}
     report["layers"] = bench_layers(packs, codes_by_label, report["copy_GBps"] * 1e9, l2)
+    tables = {"kernel": dict(module.KERNEL_TABLE), "lut": dict(cuda_lut.TUNED),
+              "mma": dict(cuda_mma.TUNED)}
     if not args.skip_7b:
         report["llama7b"] = bench_7b(packs)
         print(json.dumps(report["llama7b"]), flush=True)
+    report["seconds"] = time.perf_counter() - start
+    report["tables"] = {name: {repr(k): v for k, v in t.items()} for name, t in tables.items()}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
-    print(f"\n{report['device']}, copy {report['copy_GBps']:.0f} GB/s, configs {report['configs']}")
-    print("| layer | shape | batch | fp16 us | packed us | (lut us) | (simt us) | (mma us) | (triton us) | speedup | packed GB/s | % copy BW | rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in report["layers"]:
-        print(f"| {r['layer']} | {r['shape']} | {r['batch']} | {r['fp16_us']:.1f} | {r['packed_us']:.1f} "
-              f"| {r['packed_lut_us']:.1f} | {r['packed_simt_us']:.1f} | {r['packed_mma_us']:.1f} | {r['packed_triton_us']:.1f} "
-              f"| {r['speedup']:.2f}x | {r['packed_GBps']:.0f} | {100 * r['packed_bw_frac']:.0f}% "
-              f"| {r['rel_err_vs_dequant']:.1e} |")
+    print_report(report, tables)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Run a few-token packed kernel (lut, cuda or mma; default lut) a few times on a 4096x4096
-HBLLM-row layer, batch 1 (for ``ncu``):
+"""Run one packed kernel (lut, mma or triton; default lut) a few times on a 4096x4096 HBLLM-row
+layer (tiled layout) at a number of tokens (default 1), for ``ncu``:
 
-    ncu --kernel-name regex:hbllm_lut --launch-skip 3 --launch-count 1 python3 scripts/profile_gemv.py lut
+    ncu --clock-control none --kernel-name regex:hbllm_lut --launch-skip 3 --launch-count 1 \\
+        --section SpeedOfLight --section MemoryWorkloadAnalysis python3 scripts/profile_gemv.py lut
+    ... --kernel-name regex:hbllm_mma ... python3 scripts/profile_gemv.py mma 16
 """
 import sys
 
@@ -14,7 +16,8 @@ from hbllm.packed.synthetic import random_codes
 codes = random_codes("row", 4096, 4096, max_k=12, seed=0)
 mod = PackedLinear(pack_linear(codes), linear_meta(codes), device="cuda")
 mod.gemv = sys.argv[1] if len(sys.argv) > 1 else "lut"
-x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+x = torch.randn(tokens, 4096, device="cuda", dtype=torch.float16)
 for _ in range(5):
     mod(x)
 torch.cuda.synchronize()

@@ -1,15 +1,24 @@
-"""CUDA paths of PackedLinear (NVRTC GEMV, Triton) vs the dequantized-weight matmul (CUDA only)."""
+"""CUDA paths of PackedLinear (NVRTC lookup-table and tensor-core GEMVs, Triton), all on the tiled
+layout, vs the dequantized-weight matmul (CUDA only)."""
 import pytest
 import torch
 
+from hbllm.packed import cuda_lut, cuda_mma, module
 from hbllm.packed.codes import dequantize
 from hbllm.packed.format import linear_meta, pack_linear
-from hbllm.packed import cuda_gemv, cuda_lut, cuda_mma
 from hbllm.packed.module import GEMV_MAX_TOKENS, MMA_MAX_TOKENS, PackedLinear, triton_kernels
 from hbllm.packed.synthetic import random_codes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or triton_kernels is None,
                                 reason="needs CUDA and triton")
+def _poison(y_bytes: int) -> None:
+    """Leave NaN in the caching allocator's free blocks that the next outputs will reuse, so an
+    element a kernel does not write shows up as non-finite."""
+    for size in (y_bytes, 2 * y_bytes):
+        del_me = torch.full((size // 2 + 1,), float("nan"), device="cuda", dtype=torch.float16)
+        del del_me
+
+
 CASES = [("row", False, "exact"), ("row", True, "exact"), ("col", False, "exact"),
          ("col", True, "authors"), ("row", False, "authors")]
 
@@ -17,17 +26,22 @@ CASES = [("row", False, "exact"), ("row", True, "exact"), ("col", False, "exact"
 @pytest.mark.parametrize("layout,shared,inverse", CASES)
 @pytest.mark.parametrize("batch", [1, 2, 3, 5, 16, 33])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_matches_dequantized(layout, shared, inverse, batch, dtype):
+@pytest.mark.parametrize("blocksize,cols", [(128, 512), (64, 320), (128, 384)])
+def test_triton_matches_dequantized(layout, shared, inverse, batch, dtype, blocksize, cols):
+    """Tiled-layout variants: 16-byte word vectors (blocksize 128) or 8-byte ones (64); an even
+    (512) or odd (320, 384) number of blocks, i.e. statistics loaded in pairs or singly; 200 rows,
+    a partial last row tile."""
     torch.manual_seed(batch)
-    codes = random_codes(layout, 200, 512, shared=shared, inverse=inverse, seed=batch,
-                         zero_k_block=(batch == 5))
+    codes = random_codes(layout, 200, cols, blocksize=blocksize, shared=shared, inverse=inverse,
+                         seed=batch, zero_k_block=(batch == 5))
     bias = torch.randn(200)
     mod = PackedLinear(pack_linear(codes), linear_meta(codes), bias).cuda()
-    x = torch.randn(batch, 512, device="cuda").to(dtype)
+    x = torch.randn(batch, cols, device="cuda").to(dtype)
     ref = x.double() @ dequantize(codes).double().cuda().T + bias.double().cuda()
     tol = 4e-3 if dtype == torch.float16 else 1.6e-2
-    for gemv in ("auto", "lut", "mma", "cuda", "triton"):  # few-token kernels; tiles beyond their limits
+    for gemv in ("auto",) + module.KERNELS:  # each kernel at every token count it takes
         mod.gemv = gemv
+        _poison(y_bytes=x.shape[0] * 200 * 4)
         y = mod(x)
         assert y.dtype == dtype and torch.isfinite(y).all()
         assert ((y.double() - ref).norm() / ref.norm()).item() < tol, gemv
@@ -41,8 +55,8 @@ def test_auto_picks_each_kernel_by_tokens(monkeypatch):
     codes = random_codes("row", 64, 256, seed=3)
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
     calls = []
-    for name, module in (("lut", cuda_lut), ("mma", cuda_mma)):
-        monkeypatch.setattr(module, "gemv", lambda x, *a, name=name: calls.append(name)
+    for name, kernel in (("lut", cuda_lut), ("mma", cuda_mma)):
+        monkeypatch.setattr(kernel, "gemv", lambda x, *a, name=name: calls.append(name)
                             or torch.zeros(x.shape[0], 64, device="cuda"))
     for n, want in ((1, "lut"), (GEMV_MAX_TOKENS, "lut"), (GEMV_MAX_TOKENS + 1, "mma"),
                     (MMA_MAX_TOKENS, "mma"), (MMA_MAX_TOKENS + 1, None)):
@@ -52,9 +66,10 @@ def test_auto_picks_each_kernel_by_tokens(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["row", "col"])
-@pytest.mark.parametrize("batch", [1, 2, 7, 8, 13])
+@pytest.mark.parametrize("batch", [1, 2, 7, 8, 13, 16])
 def test_mma_gemv_odd_pairs_and_tokens(layout, batch):
-    """70 rows: 35 pairs, the last 16-pair tile is partial; 7 tokens: a partial n-tile."""
+    """70 rows: 35 pairs, the last 16-pair tile is partial; 7 tokens: a partial n-tile; 13 and 16:
+    two n-tiles in one launch (13: the second partial)."""
     codes = random_codes(layout, 70, 384, seed=batch)
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
     mod.gemv = "mma"
@@ -63,13 +78,14 @@ def test_mma_gemv_odd_pairs_and_tokens(layout, batch):
     assert ((mod(x).double() - ref).norm() / ref.norm()).item() < 4e-3
 
 
-def test_cuda_gemv_large_shapes_chunk_tokens():
-    """C = 11008 (LLaMA down_proj): 4 tokens do not fit one block's shared memory at once."""
+def test_large_shapes_chunk_tokens():
+    """C = 11008 (LLaMA down_proj): 16 tokens do not fit one block's shared memory at once (the
+    tensor-core GEMV takes 8 a launch)."""
     codes = random_codes("row", 128, 11008, seed=5)
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
-    x = torch.randn(8, codes.cols, device="cuda", dtype=torch.float16)
+    x = torch.randn(16, codes.cols, device="cuda", dtype=torch.float16)
     ref = x.double() @ dequantize(codes).double().cuda().T
-    for gemv, n in (("mma", 8), ("cuda", 4), ("lut", 4)):
+    for gemv, n in (("mma", 8), ("mma", 16), ("lut", 4), ("lut", 8)):
         mod.gemv = gemv
         assert ((mod(x[:n]).double() - ref[:n]).norm() / ref[:n].norm()).item() < 4e-3, gemv
 
@@ -79,7 +95,7 @@ def test_triton_3d_input_and_odd_rows_tile():
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
     x = torch.randn(2, 3, 256, device="cuda", dtype=torch.float16)
     ref = x.double() @ dequantize(codes).double().cuda().T
-    for gemv in ("lut", "mma", "cuda", "triton"):
+    for gemv in module.KERNELS:
         mod.gemv = gemv
         for n in (1, 3):
             y = mod(x[:, :n])
@@ -127,3 +143,32 @@ def test_lut_gemv_first_call_inside_graph_capture():
         graph.replay()
         torch.cuda.synchronize()
         assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3
+
+
+def test_tuned_tables_pick_kernel_and_config(monkeypatch):
+    """KERNEL_TABLE decides per (shape, tokens), the fallback rule past it and for other shapes;
+    per-shape launch configs (TUNED) are used and stay correct."""
+    codes = random_codes("row", 64, 256, seed=3)
+    mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
+    x = torch.randn(16, 256, device="cuda", dtype=torch.float16)
+    ref = x.double() @ dequantize(codes).double().cuda().T
+    monkeypatch.setitem(cuda_lut.TUNED, (64, 256, 2), {"warps": 1, "cb": 1})
+    monkeypatch.setitem(cuda_mma.TUNED, (64, 256, 8), {"ksplit": 4})
+    assert cuda_lut.config(64, 256, 2) == {"warps": 1, "cb": 1}
+    assert cuda_lut.config(64, 512, 2) == cuda_lut.CONFIG
+    for n, gemv in ((2, "lut"), (8, "mma")):
+        mod.gemv = gemv
+        assert ((mod(x[:n]).double() - ref[:n]).norm() / ref[:n].norm()).item() < 4e-3, gemv
+    monkeypatch.setitem(module.KERNEL_TABLE, (64, 256), ((2, "mma"), (8, "triton")))
+    assert [module.kernel_for(64, 256, n) for n in (1, 2, 3, 8, 9, 17)] == \
+        ["mma", "mma", "triton", "triton", "mma", "triton"]
+    assert module.kernel_for(64, 512, 1) == "lut"
+    calls = []
+    for name, mod_ in (("lut", cuda_lut), ("mma", cuda_mma)):
+        monkeypatch.setattr(mod_, "gemv", lambda x, *a, name=name: calls.append(name)
+                            or torch.zeros(x.shape[0], 64, device="cuda", dtype=x.dtype))
+    mod.gemv = "auto"
+    for n, want in ((1, ["mma"]), (4, []), (9, ["mma"])):
+        calls.clear()
+        mod(x[:n])
+        assert calls == want, n

@@ -37,16 +37,26 @@ import torch
 from . import nvrtc
 
 MAX_TOKENS = 4
-# Launch config: warps (16-pair tiles) per block, quantization blocks per column chunk.
-# Best of ``scripts/bench_kernel.py --tune`` on an H100 (experiments/benchmarks/RESULTS.md).
+# Launch config: warps (row tiles of 16 pairs) per block, quantization blocks per column chunk.
+# CONFIG: the fallback, best of ``scripts/bench_kernel.py --tune lut`` summed over the 7B shapes
+# on an H100 with the row-major layout (experiments/benchmarks/RESULTS.md); TUNED: per
+# (rows, cols, tokens a launch), as ``--tune`` prints it for the tiled layout.
 CONFIG = {"warps": 4, "cb": 2}
+TUNED: Dict[tuple, dict] = {}
 
-_SOURCE = r"""
+SOURCE = r"""
 #define WPB (BS / 32)                 // words per quantization block
 #define WC (CB * WPB)                 // main words per column chunk
 #define GW (ROW ? BS / 64 : BS / 32)  // main words per statistics group
 #define NGC (WC / GW)                 // main groups per chunk
 #define POS (WC * 8)                  // main table positions (4 inputs each) per token
+#if MV == 4                           // main words per lane load (runtime.word_vec)
+typedef uint4 wvec;
+__device__ __forceinline__ void unvec(uint4 a, unsigned* o) { o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; }
+#else
+typedef uint2 wvec;
+__device__ __forceinline__ void unvec(uint2 a, unsigned* o) { o[0] = a.x; o[1] = a.y; }
+#endif
 // acc += the group's masked sums weighted by the row's statistics t = [m0, a0, m1, a1] (fp16)
 __device__ __forceinline__ void fold(float* acc, uint2 t, float* z, float* zg, float* zs, float* zx) {
   const float4 v = stats4(t);
@@ -104,53 +114,45 @@ __device__ __forceinline__ void tables(float* tb, float* tw, int N, int npos, in
     if (n < NT && (p & 7) == 0) tw[n * (npos_all >> 3) + (p >> 3)] = sum;
   }
 }
-extern "C" __global__ void NAME(PACKED_ARGS, const int* __restrict__ sfirst, float* __restrict__ ws,
-                                unsigned* __restrict__ cnt, int SMAX) {
+extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
+    const int* __restrict__ sfirst, float* __restrict__ ws, unsigned* __restrict__ cnt, int SMAX) {
   extern __shared__ float4 smem4[];
   float* tm = reinterpret_cast<float*>(smem4);  // [NT][POS][16] main tables
   float* tsl = tm + NT * POS * 16;              // [NT][SMAX * 8][16] salient tables
   float* tmw = tsl + NT * SMAX * 128;           // [NT][WC] main word totals
   float* tsw = tmw + NT * WC;                   // [NT][SMAX] salient word totals
   const float c = (float)cd;
-  const int lane = threadIdx.x & 31, P = R >> 1, W = C >> 5;
-  const int p0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 16;  // first pair of the warp
+  const int lane = threadIdx.x & 31, W = C >> 5;
+  const int tw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);  // row tile of the warp
+  const int p0 = tw * 16;                                               // its first pair
+  const int t = min(tw, (R + 31) / 32 - 1);  // warps past the last tile load it, store nothing
   const int cb0 = blockIdx.y * CB, ncb = min(CB, NB - cb0);
   const int w0 = cb0 * WPB, nw = ncb * WPB;
-  const int prow = min(p0 + (lane & 15), P - 1) + (lane >> 4) * P;  // pair-band row: low / high
-#if ROW
-  const int mrow = min(2 * p0 + lane, R - 1);
-#else
-  const int mrow = prow;
-#endif
-  // this lane's words and statistics, in flight while the tables are built
+  // this lane's words and statistics (tiled layout: a warp's load is consecutive memory), in
+  // flight while the tables are built; tiles past the band hold zeros
   unsigned s[WC], g[WC];
   uint2 tg[NGC];
 #pragma unroll
-  for (int i = 0; i < WC; i += 4) {
+  for (int i = 0; i < WC; i += MV) {
     if (i < nw) {
-#if VEC
-      const uint4 a = *reinterpret_cast<const uint4*>(ms + (size_t)mrow * W + w0 + i);
-      const uint4 b = *reinterpret_cast<const uint4*>(mm + (size_t)mrow * W + w0 + i);
-      s[i] = a.x; s[i + 1] = a.y; s[i + 2] = a.z; s[i + 3] = a.w;
-      g[i] = b.x; g[i + 1] = b.y; g[i + 2] = b.z; g[i + 3] = b.w;
-#else
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        s[i + u] = i + u < nw ? ms[(size_t)mrow * W + w0 + i + u] : 0u;
-        g[i + u] = i + u < nw ? mm[(size_t)mrow * W + w0 + i + u] : 0u;
-      }
-#endif
+      const size_t at = ((size_t)t * (W / MV) + (w0 + i) / MV) * 32 + lane;
+      const wvec a = reinterpret_cast<const wvec*>(ms)[at];
+      const wvec b = reinterpret_cast<const wvec*>(mm)[at];
+      unvec(a, s + i);
+      unvec(b, g + i);
     }
   }
+  const int g0 = w0 / GW;
 #pragma unroll
   for (int i = 0; i < NGC; i += 1 + SVEC) {
     if (i * GW < nw) {
 #if SVEC  // two groups per 16-byte load
-      const uint4 t = *reinterpret_cast<const uint4*>(mst + (size_t)mrow * G + w0 / GW + i);
-      tg[i] = make_uint2(t.x, t.y);
-      tg[i + 1] = make_uint2(t.z, t.w);
+      const size_t at = ((size_t)t * (G / 2) + (g0 + i) / 2) * 32 + lane;
+      const uint4 v = reinterpret_cast<const uint4*>(mst)[at];
+      tg[i] = make_uint2(v.x, v.y);
+      tg[i + 1] = make_uint2(v.z, v.w);
 #else
-      tg[i] = mst[(size_t)mrow * G + w0 / GW + i];
+      tg[i] = mst[tidx(t, g0 + i, lane, G, MSV)];
 #endif
     }
   }
@@ -163,17 +165,18 @@ extern "C" __global__ void NAME(PACKED_ARGS, const int* __restrict__ sfirst, flo
 #pragma unroll
   for (int b = 0; b < CB; ++b) {
     if (b < ncb) {
-#if SVEC
+#if SSVEC
       if (b % 2 == 0) {
-        const uint4 t = *reinterpret_cast<const uint4*>(sst + (size_t)prow * NB + cb0 + b);
-        ts[b] = make_uint2(t.x, t.y);
-        if (b + 1 < CB) ts[b + 1] = make_uint2(t.z, t.w);
+        const size_t at = ((size_t)t * (NB / 2) + (cb0 + b) / 2) * 32 + lane;
+        const uint4 v = reinterpret_cast<const uint4*>(sst)[at];
+        ts[b] = make_uint2(v.x, v.y);
+        if (b + 1 < CB) ts[b + 1] = make_uint2(v.z, v.w);
       }
 #else
-      ts[b] = sst[(size_t)prow * NB + cb0 + b];
+      ts[b] = sst[tidx(t, cb0 + b, lane, NB, SSV)];
 #endif
-      s1[b] = sf[b] < sf[b + 1] ? ss[(size_t)prow * SW + sf[b]] : 0u;
-      g1[b] = sf[b] < sf[b + 1] ? sm[(size_t)prow * SW + sf[b]] : 0u;
+      s1[b] = sf[b] < sf[b + 1] ? ss[((size_t)t * SW + sf[b]) * 32 + lane] : 0u;
+      g1[b] = sf[b] < sf[b + 1] ? sm[((size_t)t * SW + sf[b]) * 32 + lane] : 0u;
     }
   }
   // tables: main inputs of the chunk (row layout: the Haar domain), x at its salient slots
@@ -208,8 +211,8 @@ extern "C" __global__ void NAME(PACKED_ARGS, const int* __restrict__ sfirst, flo
   for (int b = 0; b < CB; ++b) {
     if (b < ncb) {
       for (int w = sf[b]; w < sf[b + 1]; ++w) {
-        const unsigned sw = w == sf[b] ? s1[b] : ss[(size_t)prow * SW + w];
-        const unsigned gw = w == sf[b] ? g1[b] : sm[(size_t)prow * SW + w];
+        const unsigned sw = w == sf[b] ? s1[b] : ss[((size_t)t * SW + w) * 32 + lane];
+        const unsigned gw = w == sf[b] ? g1[b] : sm[((size_t)t * SW + w) * 32 + lane];
         word(sw, gw, tsl + (w - sw0) * 128, tsw + (w - sw0), SMAX * 128, SMAX, z, zg, zs, zx);
       }
       fold(as, ts[b], z, zg, zs, zx);
@@ -255,11 +258,30 @@ extern "C" __global__ void NAME(PACKED_ARGS, const int* __restrict__ sfirst, flo
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(row: bool, nt: int, bf16: bool, bs: int, cb: int, vec: bool, svec: bool, device: int):
+def _kernel(row: bool, nt: int, bf16: bool, bs: int, cb: int, mv: int, msv: int, ssv: int,
+            svec: bool, ssvec: bool, device: int):
     name = (f"hbllm_lut_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}_{cb}"
-            f"_{int(vec)}{int(svec)}")
-    return nvrtc.compile_kernel(_SOURCE, name, device, ROW=int(row), NT=nt, DT=int(bf16), BS=bs,
-                                CB=cb, VEC=int(vec), SVEC=int(svec))
+            f"_{mv}{msv}{ssv}{int(svec)}{int(ssvec)}")
+    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bf16, bs, cb, mv, msv, ssv,
+                                                                svec, ssvec))
+
+
+def macros(row: bool, nt: int, bf16: bool, bs: int, cb: int, mv: int, msv: int, ssv: int,
+           svec: bool, ssvec: bool) -> dict:
+    """The compile-time constants of one kernel variant (see :func:`variant`)."""
+    return dict(ROW=int(row), NT=nt, DT=int(bf16), BS=bs, CB=cb, MV=mv, MSV=msv, SSV=ssv,
+                SVEC=int(svec), SSVEC=int(ssvec))
+
+
+def variant(rt: Dict[str, torch.Tensor], meta: dict, nt: int, bf16: bool, cb: int) -> tuple:
+    """Kernel variant for a layer's buffers: (row, nt, bf16, bs, cb, word vector, main and salient
+    statistics vectors, 16-byte statistics loads for main and salient)."""
+    row, bs = meta["layout"] == "row", meta["blocksize"]
+    mv, msv, ssv = rt["main_sign"].shape[-1], rt["main_stats"].shape[-2], rt["sal_stats"].shape[-2]
+    # two groups per 16-byte load where the chunk's first group is even (tiles hold pairs)
+    svec = msv == 2 and (row or cb % 2 == 0)
+    ssvec = ssv == 2 and cb % 2 == 0
+    return row, nt, bf16, bs, cb, mv, msv, ssv, svec, ssvec
 
 
 @functools.lru_cache(maxsize=None)
@@ -268,10 +290,17 @@ def available() -> bool:
     if not nvrtc.supported():
         return False
     try:
-        _kernel(True, 1, False, 128, CONFIG["cb"], True, True, torch.cuda.current_device())
+        _kernel(True, 1, False, 128, CONFIG["cb"], 4, 2, 2, True, CONFIG["cb"] % 2 == 0,
+                torch.cuda.current_device())
         return True
     except Exception:  # no NVRTC, an old driver, ...: the other kernels stay in use
         return False
+
+
+def config(rows: int, cols: int, nt: int) -> dict:
+    """Launch config for a (rows, cols) layer at ``nt`` tokens a launch: the measured one of
+    :data:`TUNED`, else :data:`CONFIG`."""
+    return TUNED.get((rows, cols, nt), CONFIG)
 
 
 def _scratch(meta: dict, device: torch.device, tiles: int, scratch: dict) -> dict:
@@ -288,18 +317,15 @@ def gemv(x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float,
     """y (N, R) = x (N, C) W^T for few tokens, fp16 or bf16, x contiguous on CUDA. ``scratch``:
     a dict the caller keeps per layer (workspace and counters, zeroed at the first call)."""
     n, cols = x.shape
-    warps, cb = CONFIG["warps"], CONFIG["cb"]
-    bs, row = meta["blocksize"], meta["layout"] == "row"
-    pairs = meta["rows"] // 2
-    tiles = (pairs + 16 * warps - 1) // (16 * warps)
-    sc = _scratch(meta, x.device, tiles, scratch)
     nt = 1 << (min(n, MAX_TOKENS).bit_length() - 1)  # 1, 2 or 4 tokens per launch
+    cfg = config(meta["rows"], cols, nt)
+    warps, cb = cfg["warps"], cfg["cb"]
+    bs = meta["blocksize"]
+    tiles = (meta["rows"] // 2 + 16 * warps - 1) // (16 * warps)  # blocks of `warps` row tiles
+    sc = _scratch(meta, x.device, tiles, scratch)
     nb = cols // bs
-    vec = (cols // 32) % 4 == 0 and (bs // 32) % 4 == 0  # 16-byte loads of 4 words
-    # 16-byte loads of 2 statistics groups: even groups per row and per chunk, even chunk starts
-    groups_per_chunk = cb * (2 if row else 1)
-    svec = nb % 2 == 0 and cb % 2 == 0 and groups_per_chunk % 2 == 0
-    kernel = _kernel(row, nt, x.dtype == torch.bfloat16, bs, cb, vec, svec, nvrtc.device_index(x.device))
+    kernel = _kernel(*variant(rt, meta, nt, x.dtype == torch.bfloat16, cb),
+                     nvrtc.device_index(x.device))
     words = cb * bs // 32
     smax = min(words, cb * scratch.get("block_sal_words", bs // 32))  # salient words of a chunk, at most
     smem = 4 * nt * (words + smax) * (8 * 16 + 1)  # main and salient tables, word totals

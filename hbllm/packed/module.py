@@ -1,12 +1,12 @@
 """``PackedLinear``: a drop-in ``nn.Linear`` replacement that computes from packed codes.
 
-On CUDA, fp16/bf16 inputs of up to ``GEMV_MAX_TOKENS`` tokens (decoding) run the NVRTC-compiled
-lookup-table GEMV of :mod:`hbllm.packed.cuda_lut`, up to ``MMA_MAX_TOKENS`` the tensor-core GEMV of
-:mod:`hbllm.packed.cuda_mma` (both layouts, one launch per 8 tokens); more tokens run
-:mod:`hbllm.packed.triton_kernels` (row layout: one fused ``tl.dot`` launch; col layout: two
-``tl.dot`` band launches plus torch glue), which also serves few tokens where NVRTC is missing.
-Elsewhere the plain torch band path of :mod:`hbllm.packed.runtime`. None keeps a
-full-precision copy of the weight.
+On CUDA, fp16/bf16 inputs run one of three kernels, chosen per (layer shape, tokens) by
+:func:`kernel_for`: the NVRTC-compiled lookup-table GEMV of :mod:`hbllm.packed.cuda_lut` (up to
+4 tokens a launch), the tensor-core GEMV of :mod:`hbllm.packed.cuda_mma` (up to 16 tokens a
+launch) or :mod:`hbllm.packed.triton_kernels` (row layout: one fused ``tl.dot`` launch; col
+layout: two ``tl.dot`` band launches plus torch glue), which also serves few tokens where NVRTC
+is missing. Elsewhere the plain torch band path of :mod:`hbllm.packed.runtime`. None keeps a
+full-precision copy of the weight; all read the tiled buffers of :func:`build_runtime`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..quant.haar import INVERSE
-from . import cuda_gemv, cuda_lut, cuda_mma
+from . import cuda_lut, cuda_mma
 from .runtime import build_runtime, pair_output, salient_input, torch_forward
 
 try:  # Triton exists only where CUDA does; the CPU path never needs it.
@@ -24,8 +24,23 @@ try:  # Triton exists only where CUDA does; the CPU path never needs it.
 except ImportError:  # pragma: no cover - depends on the machine
     triton_kernels = None
 
-GEMV_MAX_TOKENS = 4  # up to this many tokens: the lookup-table GEMV (cuda_lut)
-MMA_MAX_TOKENS = 16  # up to this many: the tensor-core GEMV (cuda_mma, 8 tokens a launch); then Triton
+GEMV_MAX_TOKENS = 4  # fallback rule: up to this many tokens the lookup-table GEMV (cuda_lut),
+MMA_MAX_TOKENS = 16  # up to this many the tensor-core GEMV (cuda_mma); then Triton
+KERNELS = ("lut", "mma", "triton")
+# Measured choice per layer shape: (rows, cols) -> ((most tokens, kernel), ...) in increasing
+# token order, as ``scripts/bench_kernel.py`` prints it; token counts past the last entry, and
+# shapes not listed, follow the fallback rule above.
+KERNEL_TABLE: Dict[tuple, tuple] = {}
+
+
+def kernel_for(rows: int, cols: int, tokens: int) -> str:
+    """The kernel ("lut", "mma" or "triton") for ``tokens`` tokens of a (rows, cols) layer."""
+    for most, kernel in KERNEL_TABLE.get((rows, cols), ()):
+        if tokens <= most:
+            return kernel
+    if tokens <= GEMV_MAX_TOKENS:
+        return "lut"
+    return "mma" if tokens <= MMA_MAX_TOKENS else "triton"
 
 
 class PackedLinear(nn.Module):
@@ -48,7 +63,7 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(device),
                                                            requires_grad=False)
         self.use_triton = True  # set False to force the torch path on CUDA (tests, benchmarks)
-        self.gemv = "auto"  # few-token kernel on CUDA: "auto", "lut", "cuda", "mma", "triton" (benchmarks)
+        self.gemv = "auto"  # CUDA kernel: "auto" (kernel_for) or one of KERNELS (tests, benchmarks)
         most = int(self.sal_first.diff().max()) if self.sal_first.numel() > 1 else 0
         self._scratch: dict = {"block_sal_words": most}  # the lookup-table GEMV's sizes, workspace
 
@@ -78,21 +93,19 @@ class PackedLinear(nn.Module):
         c = INVERSE[m["inverse"]]
         n, sal_words = x.shape[0], rt["sal_wgrp"].numel()
         half = x.dtype in (torch.float16, torch.bfloat16)
-        if self.gemv in ("auto", "lut") and half and n <= GEMV_MAX_TOKENS and cuda_lut.available():
-            return cuda_lut.gemv(x, rt, m, c, self._scratch)
-        if (self.gemv == "cuda" and half and n <= GEMV_MAX_TOKENS and cuda_gemv.available()
-                and cuda_gemv.fits(m["cols"], sal_words, x.device)):
-            return cuda_gemv.gemv(x, rt, m, c)
-        if (self.gemv in ("auto", "mma") and half and n <= MMA_MAX_TOKENS and cuda_mma.available()
+        kernel = kernel_for(m["rows"], m["cols"], n) if self.gemv == "auto" else self.gemv
+        if kernel == "lut" and half and n <= MMA_MAX_TOKENS and cuda_lut.available():
+            return cuda_lut.gemv(x, rt, m, c, self._scratch)  # 4 tokens a launch
+        if (kernel in ("lut", "mma") and half and n <= MMA_MAX_TOKENS and cuda_mma.available()
                 and cuda_mma.fits(m["cols"], sal_words, x.device)):
             return cuda_mma.gemv(x, rt, m, c)
         if m["layout"] == "row":
-            kernel = triton_kernels.row_gemv if x.shape[0] <= GEMV_MAX_TOKENS else triton_kernels.row_mm
-            return kernel(x, rt, m, c)
+            few = n <= GEMV_MAX_TOKENS
+            return (triton_kernels.row_gemv if few else triton_kernels.row_mm)(x, rt, m, c)
         dt = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float16
         u = triton_kernels.band_mm((x * rt["ns_mask"]).to(dt), rt["main_sign"], rt["main_member"],
-                                   rt["main_wgrp"], rt["main_stats"])
+                                   rt["main_wgrp"], rt["main_stats"], m["rows"])
         zs = salient_input(x, rt["sal_cols"]).to(dt)
         u = u + triton_kernels.band_mm(zs, rt["sal_sign"], rt["sal_member"], rt["sal_wgrp"],
-                                       rt["sal_stats"])
+                                       rt["sal_stats"], m["rows"])
         return pair_output(u, c).to(x.dtype)

@@ -1,5 +1,5 @@
-"""What the NVRTC-compiled packed kernels (cuda_gemv, cuda_mma) share: the CUDA prelude, the
-compile step and the launch over token chunks with the compute buffers of
+"""What the NVRTC-compiled packed kernels (cuda_lut, cuda_mma) share: the CUDA prelude, the
+compile step and the launch over token chunks with the (tiled) compute buffers of
 :func:`hbllm.packed.runtime.build_runtime`.
 
 A kernel source defines ``NAME`` and is compiled with ``DT`` (0 fp16, 1 bf16) plus its own macros;
@@ -40,6 +40,11 @@ __device__ __forceinline__ float h2f(unsigned h) {  // fp16 whatever DT (the sta
 __device__ __forceinline__ float4 stats4(uint2 t) {
   return make_float4(h2f(t.x & 0xffff), h2f(t.x >> 16), h2f(t.y & 0xffff), h2f(t.y >> 16));
 }
+// element index of (tile t, word or group w, lane) in a tiled band buffer (runtime.py) of n
+// words or groups per row, v per lane vector
+__device__ __forceinline__ size_t tidx(int t, int w, int lane, int n, int v) {
+  return (((size_t)t * (n / v) + w / v) * 32 + lane) * v + w % v;
+}
 #define PACKED_ARGS const u16* __restrict__ x, u16* __restrict__ y, \
     const unsigned* __restrict__ ms, const unsigned* __restrict__ mm, const uint2* __restrict__ mst, \
     const unsigned* __restrict__ ss, const unsigned* __restrict__ sm, const int* __restrict__ sgrp, \
@@ -63,12 +68,18 @@ def smem_limit(device: int) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
-def compile_kernel(source: str, name: str, device: int, **macros: int):
-    """``PRELUDE`` + ``source`` compiled as kernel ``name`` with ``#define``s for ``macros``,
-    allowed the device's whole opt-in shared memory."""
+def full_source(source: str, name: str, **macros: int) -> str:
+    """The CUDA text compiled for kernel ``name``: ``#define``s for ``macros``, ``PRELUDE``,
+    ``source``."""
     defines = "".join(f"#define {k} {v}\n" for k, v in {"NAME": name, **macros}.items())
+    return defines + PRELUDE + source
+
+
+def compile_kernel(source: str, name: str, device: int, **macros: int):
+    """:func:`full_source` compiled as kernel ``name``, allowed the device's whole opt-in shared
+    memory."""
     with torch.cuda.device(device):
-        kernel = torch.cuda._compile_kernel(defines + PRELUDE + source, name)
+        kernel = torch.cuda._compile_kernel(full_source(source, name, **macros), name)
         kernel.set_shared_memory_config(smem_limit(device))
     return kernel
 
@@ -79,17 +90,18 @@ def launch(kernel, x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: 
     main and salient band buffers, the col layout's non-salient mask, tokens, R, C, salient words,
     main statistics groups, blocks, words per main group, the inverse-Haar constant, then
     ``extra``."""
-    if x.data_ptr() % 4:  # the row kernels read x as pairs of 16-bit values
+    if x.data_ptr() % 16:  # the kernels read x 16 bytes (8 columns) or a column pair at a time
         x = x.clone()
     n, cols = x.shape
     rows, row, bs = meta["rows"], meta["layout"] == "row", meta["blocksize"]
     y = torch.empty(n, rows, device=x.device, dtype=x.dtype)
     keep = rt["sal_cols"] if row else rt["ns_mask"]  # bool: one byte per column; unused for row
+    groups = rt["main_stats"].shape[1] * rt["main_stats"].shape[3]  # (T, G/SV, 32, SV, 4)
     for i in range(0, n, nt):
         xi, yi = x[i:i + nt], y[i:i + nt]
         kernel(grid=grid, block=(threads, 1, 1), shared_mem=smem,
                args=[xi, yi, rt["main_sign"], rt["main_member"], rt["main_stats"],
                      rt["sal_sign"], rt["sal_member"], rt["sal_wgrp"], rt["sal_stats"], rt["sal_cols"],
-                     keep, xi.shape[0], rows, cols, rt["sal_wgrp"].numel(), rt["main_stats"].shape[1],
+                     keep, xi.shape[0], rows, cols, rt["sal_wgrp"].numel(), groups,
                      cols // bs, bs // (64 if row else 32), float(c), *extra])
     return y

@@ -12,6 +12,23 @@ With the inverse-Haar constant ``c``:
 
 The salient columns of a block fill ceil(k/32) words of their own; padded slots have column
 index -1 and read x as 0.
+
+**Tiled (coalesced) layout.** On the device, a band's words and statistics are stored by *row
+tiles* of 32 rows, the rows one warp's 32 lanes own, so that a warp reading one word (or one
+statistics group) for its 32 rows reads consecutive memory:
+
+* words int32 ``(T, W/V, 32, V)``: tile ``t``, word ``w`` of lane ``l`` at ``[t, w // V, l, w % V]``
+  (``V`` words of a lane are one 16-byte (V=4) or 8-byte (V=2) load, a warp's load is 32V
+  consecutive words);
+* statistics fp16 ``(T, G/SV, 32, SV, 4)``: group ``g`` of lane ``l`` at
+  ``[t, g // SV, l, g % SV]``.
+
+Lane ``l`` of tile ``t`` is band row ``32t + l`` for the row layout's main band (*direct* rows: the
+output rows) and, for the bands whose rows are [low pairs; high pairs] (col layout main band,
+salient residual of both layouts; *pair* rows), the pair ``16t + l % 16``'s low row (l < 16) or high
+row (l >= 16), so that one warp holds both halves of 16 pairs. ``T = ceil(R / 32)``; rows past the
+band are zero words and zero statistics. This is built at load time from the on-disk format
+(format.py is unchanged); :func:`untile` gives the (R, W) / (R, G, 4) row-major arrays back.
 """
 from __future__ import annotations
 
@@ -45,11 +62,64 @@ def _full_stats(stats: torch.Tensor) -> torch.Tensor:
     return torch.stack([m, a0, m, a1], -1)
 
 
+def tile_slots(rows: int, pair: bool, device=None) -> torch.Tensor:
+    """int64 (T * 32,): the band row held by lane ``l`` of tile ``t`` (slot ``32t + l``), -1 for
+    padding; ``pair``: rows are [low pairs; high pairs] (see the module docstring)."""
+    tiles = (rows + 31) // 32
+    slot = torch.arange(tiles * 32, device=device)
+    if not pair:
+        return torch.where(slot < rows, slot, -1)
+    half, lane = rows // 2, slot % 32
+    p = 16 * (slot // 32) + lane % 16
+    return torch.where(p < half, p + (lane >= 16).long() * half, -1)
+
+
+def tile(a: torch.Tensor, pair: bool, vec: int) -> torch.Tensor:
+    """Row-major ``a`` (R, n, *e) -> tiled (T, n/vec, 32, vec, *e) (zero rows as padding)."""
+    rows, n, rest = a.shape[0], a.shape[1], tuple(a.shape[2:])
+    slots = tile_slots(rows, pair, a.device)
+    out = a.new_zeros((slots.numel(), n) + rest)
+    live = slots >= 0
+    out[live] = a[slots[live]]
+    out = out.view(slots.numel() // 32, 32, n // vec, vec, *rest)
+    return out.transpose(1, 2).contiguous()
+
+
+def untile(a: torch.Tensor, rows: int, pair: bool) -> torch.Tensor:
+    """Inverse of :func:`tile`: (T, n/vec, 32, vec, *e) -> (rows, n, *e)."""
+    tiles, nv, _, vec = a.shape[:4]
+    rest = tuple(a.shape[4:])
+    flat = a.transpose(1, 2).reshape((tiles * 32, nv * vec) + rest)
+    slots = tile_slots(rows, pair, a.device)
+    live = slots >= 0
+    out = a.new_empty((rows, nv * vec) + rest)
+    out[slots[live]] = flat[live]
+    return out
+
+
+def word_vec(words_per_block: int) -> int:
+    """Words per lane load of a main band: 4 (16 bytes) where blocks have a multiple of 4 words,
+    else 2 (blocksize 64); chunks of whole blocks then start on a vector."""
+    return 4 if words_per_block % 4 == 0 else 2
+
+
+def stats_vec(groups: int) -> int:
+    """Statistics groups per lane load: 2 (16 bytes) where the count is even, else 1."""
+    return 2 if groups % 2 == 0 else 1
+
+
+def band_rows(band: str, meta: dict) -> bool:
+    """Whether ``band`` ("main" or "sal") of a linear has pair rows (else direct rows)."""
+    return band == "sal" or meta["layout"] == "col"
+
+
 def build_runtime(t: Dict[str, torch.Tensor], meta: dict) -> Dict[str, torch.Tensor]:
     """Disk tensors (see format.py) -> compute buffers on the tensors' device.
 
-    Bands: ``{main,sal}_sign``/``_member`` int32 words (R, W), ``_wgrp`` int32 (W,) statistics
-    group of each word, ``_stats`` fp16 (R, G, 4). ``ns_mask`` bool (C,) (col layout only).
+    Bands, tiled (module docstring): ``{main,sal}_sign``/``_member`` int32 words (T, W/V, 32, V)
+    (``V`` = :func:`word_vec` for main, 1 for salient), ``_stats`` fp16 (T, G/SV, 32, SV, 4)
+    (``SV`` = :func:`stats_vec` of G); ``_wgrp`` int32 (W,) statistics group of each word.
+    ``ns_mask`` bool (C,) (col layout only).
     ``sal_cols`` int32 (32 W_sal,): x column of each salient slot, -1 for padding; the salient
     columns of a block fill ceil(k/32) words of their own, words ``sal_first[b] .. sal_first[b+1]-1``
     (int32, (blocks + 1,)).
@@ -96,7 +166,20 @@ def build_runtime(t: Dict[str, torch.Tensor], meta: dict) -> Dict[str, torch.Ten
         full[:, :, slot] = bits
         out[f"sal_{key}"] = pack_words(full.view(rows, n_sal * 32))
     out["sal_stats"] = t["stats_sal"].to(dev).reshape(rows, nblk, 4).contiguous()
+    for band, vec in (("main", word_vec(bs // 32)), ("sal", 1)):
+        pair = band_rows(band, meta)
+        for key in ("sign", "member"):
+            out[f"{band}_{key}"] = tile(out[f"{band}_{key}"], pair, vec)
+        st = out[f"{band}_stats"]
+        out[f"{band}_stats"] = tile(st, pair, stats_vec(st.shape[1]))
     return out
+
+
+def band_words(rt: Dict[str, torch.Tensor], band: str, meta: dict):
+    """Row-major (sign, member) int32 (R, W) and stats fp16 (R, G, 4) of a band of ``rt``."""
+    pair, rows = band_rows(band, meta), meta["rows"]
+    return (untile(rt[f"{band}_sign"], rows, pair), untile(rt[f"{band}_member"], rows, pair),
+            untile(rt[f"{band}_stats"], rows, pair))
 
 
 def band_dense(sign: torch.Tensor, member: torch.Tensor, wgrp: torch.Tensor,
@@ -133,13 +216,15 @@ def torch_forward(x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict) -> t
     """y = x W^T for x (N, C) in float32 math, from the compute buffers (band form)."""
     c = INVERSE[meta["inverse"]]
     x = x.float()
-    main = band_dense(rt["main_sign"], rt["main_member"], rt["main_wgrp"], rt["main_stats"])
+    ms, mm, mst = band_words(rt, "main", meta)
+    main = band_dense(ms, mm, rt["main_wgrp"], mst)
     if meta["layout"] == "row":
         y = haar_input(x, meta["blocksize"], c) @ main.T
         u_sal = 0.0
     else:
         y = 0.0
         u_sal = (x * rt["ns_mask"]) @ main.T
-    sal = band_dense(rt["sal_sign"], rt["sal_member"], rt["sal_wgrp"], rt["sal_stats"])
+    ss, sm, sst = band_words(rt, "sal", meta)
+    sal = band_dense(ss, sm, rt["sal_wgrp"], sst)
     u_sal = u_sal + salient_input(x, rt["sal_cols"]) @ sal.T
     return y + pair_output(u_sal, c)

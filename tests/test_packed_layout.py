@@ -1,0 +1,189 @@
+"""The tiled (coalesced) device layout of runtime.py, on the CPU: tiling is a bijection with the
+documented lane -> row map, and a float64 emulation of what each CUDA kernel computes from the
+flat tiled buffers (its index arithmetic, its algebra, its lane -> output-row combination) equals
+dequantize-then-matmul. The kernels themselves run in tests/test_packed_triton.py (CUDA)."""
+import os
+
+import pytest
+import torch
+
+from hbllm.packed import cuda_lut, cuda_mma, nvrtc
+from hbllm.packed.codes import dequantize
+from hbllm.packed.format import linear_meta, pack_linear
+from hbllm.packed.runtime import (
+    band_rows,
+    build_runtime,
+    haar_input,
+    salient_input,
+    stats_vec,
+    tile,
+    tile_slots,
+    untile,
+    word_vec,
+)
+from hbllm.packed.synthetic import random_codes
+from hbllm.quant.haar import INVERSE
+
+CASES = [("row", False, "exact", 128), ("row", True, "exact", 64), ("col", False, "exact", 128),
+         ("col", True, "authors", 64), ("row", False, "authors", 128)]
+
+
+@pytest.mark.parametrize("rows", [2, 32, 66, 70, 96])
+@pytest.mark.parametrize("pair", [False, True])
+@pytest.mark.parametrize("vec", [1, 2, 4])
+def test_tile_untile_identity_and_lane_map(rows, pair, vec):
+    a = torch.randint(-2**31, 2**31 - 1, (rows, 8), dtype=torch.int32)
+    t = tile(a, pair, vec)
+    tiles = (rows + 31) // 32
+    assert t.shape == (tiles, 8 // vec, 32, vec) and t.is_contiguous()
+    assert torch.equal(untile(t, rows, pair), a)
+    half = rows // 2
+    for ti in range(tiles):
+        for lane in range(32):
+            if pair:
+                p = 16 * ti + lane % 16
+                row = p + (half if lane >= 16 else 0) if p < half else None
+            else:
+                row = 32 * ti + lane if 32 * ti + lane < rows else None
+            got = torch.stack([t[ti, w // vec, lane, w % vec] for w in range(8)])
+            assert torch.equal(got, a[row] if row is not None else torch.zeros_like(a[0]))
+    assert sorted(s for s in tile_slots(rows, pair).tolist() if s >= 0) == list(range(rows))
+
+
+def test_tile_statistics_trailing_dims():
+    st = torch.randn(70, 6, 4).half()
+    t = tile(st, True, 2)
+    assert t.shape == (3, 3, 32, 2, 4)
+    assert torch.equal(untile(t, 70, True), st)
+
+
+@pytest.mark.parametrize("layout,shared,inverse,bs", CASES)
+def test_runtime_buffers_are_tiled(layout, shared, inverse, bs):
+    codes = random_codes(layout, 70, 4 * bs, blocksize=bs, shared=shared, inverse=inverse, seed=2)
+    meta = linear_meta(codes)
+    rt = build_runtime(pack_linear(codes), meta)
+    w = codes.cols // 32
+    assert rt["main_sign"].shape == (3, w // word_vec(bs // 32), 32, word_vec(bs // 32))
+    groups = w // (bs // (64 if layout == "row" else 32))
+    assert rt["main_stats"].shape == (3, groups // stats_vec(groups), 32, stats_vec(groups), 4)
+    assert rt["sal_sign"].shape[::2] == (3, 32) and rt["sal_sign"].shape[-1] == 1
+    assert rt["sal_stats"].shape[-2] == stats_vec(4)
+
+
+def _tidx(t, w, lane, n, v):
+    """The kernels' ``tidx``: element index of (tile, word or group, lane) in a tiled buffer."""
+    return ((t * (n // v) + w // v) * 32 + lane) * v + w % v
+
+
+def _band_sums(words_s, words_g, stats, wgrp, z, algebra):
+    """Per (tile, lane, token) band row sums ``sum_j w_j z_j`` of a tiled band, read through the
+    flat buffers with the kernels' index arithmetic. z: (N, 32 W) float64."""
+    tiles, _, _, v = words_s.shape
+    n_w = wgrp.numel()
+    sv = stats.shape[3]
+    n_g = stats.shape[1] * sv
+    t = torch.arange(tiles).view(-1, 1, 1)
+    w = torch.arange(n_w).view(1, -1, 1)
+    lane = torch.arange(32).view(1, 1, -1)
+    idx = _tidx(t, w, lane, n_w, v)                                  # (T, W, 32)
+    bit = torch.arange(32)
+    s = ((words_s.reshape(-1)[idx].unsqueeze(-1) >> bit) & 1).double()  # (T, W, 32 lanes, 32 bits)
+    g = ((words_g.reshape(-1)[idx].unsqueeze(-1) >> bit) & 1).double()
+    grp = wgrp.long().view(1, -1, 1)
+    sidx = _tidx(t, grp, lane, n_g, sv)                              # (T, W, 32) stats of the word
+    m0, a0, m1, a1 = stats.reshape(-1, 4).double()[sidx].unbind(-1)  # (T, W, 32) each
+    zw = z.view(z.shape[0], 1, n_w, 1, 32)                           # (N, 1, W, 1, 32 bits)
+    if algebra == "lut":  # sum w z = (m0-a0) Z + (m1-m0+a0-a1) Z_g + 2 a0 Z_s + 2 (a1-a0) Z_sg
+        zs, zg, zx = ((s * zw).sum(-1), (g * zw).sum(-1), (s * g * zw).sum(-1))
+        zz = zw.sum(-1)
+        per_word = ((m0 - a0) * zz + (m1 - m0 + a0 - a1) * zg + 2 * a0 * zs + 2 * (a1 - a0) * zx)
+    else:  # mma: mid Z + amid Z_S + dm Z_G + da Z_SG with S, G, SG in {-1, +1}
+        sp, gp = 2 * s - 1, 2 * g - 1
+        parts = [zw.sum(-1), (sp * zw).sum(-1), (gp * zw).sum(-1), (sp * gp * zw).sum(-1)]
+        coef = [(m0 + m1) / 2, (a0 + a1) / 2, (m1 - m0) / 2, (a1 - a0) / 2]
+        per_word = sum(k * p for k, p in zip(coef, parts))
+    return per_word.sum(2).permute(1, 2, 0)                           # (T, 32, N)
+
+
+def kernel_reference(x, rt, meta, algebra):
+    """y (N, R) as the CUDA kernels compute it: band sums per lane, then lanes -> output rows
+    (row layout main: lane l of tile t is row 32t + l; pair bands: output rows 32t + 2i, 2i + 1
+    get c(lo + hi), c(lo - hi) with lo = lane i, hi = lane 16 + i)."""
+    c = INVERSE[meta["inverse"]]
+    rows, bs, row = meta["rows"], meta["blocksize"], meta["layout"] == "row"
+    x = x.double()
+    z = haar_input(x, bs, c) if row else x * rt["ns_mask"]
+    main = _band_sums(rt["main_sign"], rt["main_member"], rt["main_stats"], rt["main_wgrp"], z,
+                      algebra)
+    pair = _band_sums(rt["sal_sign"], rt["sal_member"], rt["sal_stats"], rt["sal_wgrp"],
+                      salient_input(x, rt["sal_cols"]), algebra)
+    if not row:
+        pair = pair + main
+    lo, hi = pair[:, :16], pair[:, 16:]                              # (T, 16, N)
+    out = torch.stack([c * (lo + hi), c * (lo - hi)], 2).reshape(-1, 32, x.shape[0])
+    if row:
+        out = out + main
+    return out.reshape(-1, x.shape[0])[:rows].T
+
+
+@pytest.mark.parametrize("layout,shared,inverse,bs", CASES)
+@pytest.mark.parametrize("algebra", ["lut", "mma"])
+@pytest.mark.parametrize("rows", [70, 96])
+def test_kernel_reference_matches_dequantized(layout, shared, inverse, bs, algebra, rows):
+    codes = random_codes(layout, rows, 3 * bs, blocksize=bs, shared=shared, inverse=inverse,
+                         seed=rows, max_k=bs - 1, zero_k_block=True)
+    meta = linear_meta(codes)
+    rt = build_runtime(pack_linear(codes), meta)
+    x = torch.randn(3, codes.cols)
+    ref = x.double() @ dequantize(codes).double().T
+    y = kernel_reference(x, rt, meta, algebra)
+    assert y.shape == ref.shape
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_band_rows_of_each_band():
+    assert not band_rows("main", {"layout": "row"}) and band_rows("main", {"layout": "col"})
+    assert band_rows("sal", {"layout": "row"}) and band_rows("sal", {"layout": "col"})
+
+
+def _nvrtc_lib():
+    return os.environ.get("HBLLM_NVRTC_LIB")
+
+
+def _compile_ptx(source: str) -> str:
+    """PTX for sm_90 of a CUDA source with the libnvrtc at $HBLLM_NVRTC_LIB (no GPU needed)."""
+    import ctypes
+
+    lib = ctypes.CDLL(_nvrtc_lib())
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"k.cu", 0, None, None) == 0
+    opts = [b"--gpu-architecture=compute_90", b"-default-device", b"-std=c++17"]
+    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    assert rc == 0 and b"warning" not in log.value, log.value.decode(errors="replace")
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetPTX(prog, ptx)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return ptx.value.decode()
+
+
+@pytest.mark.skipif(not _nvrtc_lib(), reason="set HBLLM_NVRTC_LIB to a libnvrtc.so to compile")
+def test_cuda_sources_compile_for_sm90():
+    """Every kernel variant the runtime can ask for compiles without warnings (CPU: NVRTC only),
+    and the tiled loads are 16-byte vectors where the layout allows them."""
+    for row in (True, False):
+        for bs, cb, msv, ssv in ((128, 2, 2, 2), (128, 1, 1, 1), (64, 4, 2, 1), (64, 1, 1, 2)):
+            mv = word_vec(bs // 32)
+            svec, ssvec = msv == 2 and (row or cb % 2 == 0), ssv == 2 and cb % 2 == 0
+            for nt, bf16 in ((1, False), (4, True)):
+                ptx = _compile_ptx(nvrtc.full_source(cuda_lut.SOURCE, "k", **cuda_lut.macros(
+                    row, nt, bf16, bs, cb, mv, msv, ssv, svec, ssvec)))
+                assert (".v4.u32" in ptx) == (mv == 4 or svec or ssvec)
+            for nt, bf16 in ((1, True), (8, False), (16, True)):
+                ptx = _compile_ptx(nvrtc.full_source(cuda_mma.SOURCE, "k", **cuda_mma.macros(
+                    row, nt, bf16, bs, mv, msv, ssv)))
+                assert "mma.sync.aligned.m16n8k16" in ptx
