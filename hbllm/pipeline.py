@@ -7,10 +7,18 @@
    average) of every linear's input with forward hooks, quantize each linear with
    :func:`hbllm.quantize_weight`, then recompute the layer's outputs with the quantized weights;
    they are the next layer's inputs. Only the current layer lives on the accelerator.
+   Linears fed the same input tensor (q/k/v, gate/up) share one Hessian.
+3. With a :class:`~hbllm.layer_store.LayerStore`, each finished layer is stored; a rerun applies
+   the stored layers, running them to rebuild the next layer's inputs, and continues from the
+   first unfinished one (equal results to an uninterrupted run).
+
+Numbers are checked where they enter: a non-finite weight or Hessian, or a quantizer output that
+is not finite, fails naming the layer and linear.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -20,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
+from .layer_store import LayerStore
 from .models import find_layers, find_linears, move_outside_layers
 
 log = logging.getLogger(__name__)
@@ -113,14 +122,17 @@ class HessianHook:
     """Forward hook accumulating ``H = 2/N X^T X`` (float32, running average over tokens) of a
     linear's input ``X`` (tokens, in_features)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, register: bool = True):
         self.H = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float32,
                              device=linear.weight.device)
         self.n = 0
-        self.handle = linear.register_forward_hook(self)
+        self.handle = linear.register_forward_hook(self) if register else None
 
     def __call__(self, module, inputs, output) -> None:
-        x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+        self.add(inputs[0])
+
+    def add(self, inp: torch.Tensor) -> None:
+        x = inp.reshape(-1, inp.shape[-1]).float()
         m = x.shape[0]
         self.H *= self.n / (self.n + m)
         self.n += m
@@ -131,42 +143,153 @@ class HessianHook:
         self.handle.remove()
 
 
+class SharedHessians:
+    """Hessians of every linear of one decoder layer, one per distinct input tensor: a linear
+    called with the very tensor an earlier linear of the same forward got (q/k/v on the normed
+    hidden states, gate/up) shares that linear's accumulator. The sharing seen in the first
+    window must hold in every window."""
+
+    def __init__(self, layer: nn.Module):
+        self.owner: Dict[str, str] = {}  # linear -> the linear whose accumulator it uses
+        self.acc: Dict[str, HessianHook] = {}
+        self._window: List[tuple] = []  # (input tensor, owner) of the current forward
+        self._windows = 0
+        self.handles = [layer.register_forward_pre_hook(self._new_window)]
+        for name, lin in find_linears(layer).items():
+            self.handles.append(lin.register_forward_hook(self._hook(name, lin)))
+
+    def _new_window(self, module, args) -> None:
+        self._window = []
+        self._windows += 1
+
+    def _hook(self, name: str, lin: nn.Linear):
+        def hook(module, inputs, output) -> None:
+            x = inputs[0]
+            owner = next((o for t, o in self._window if t is x), name)
+            if self._windows == 1:
+                self.owner[name] = owner
+            elif self.owner.get(name) != owner:
+                raise RuntimeError(f"{name} shared its input with {self.owner.get(name)} in the "
+                                   f"first calibration window but not in window {self._windows}")
+            if owner == name:
+                if name not in self.acc:
+                    self.acc[name] = HessianHook(lin, register=False)
+                self.acc[name].add(x)
+                self._window.append((x, name))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self._window = []
+
+    def hessians(self) -> Dict[str, torch.Tensor]:
+        return {name: self.acc[owner].H for name, owner in self.owner.items()}
+
+
 def layer_hessians(layer: nn.Module, hidden: List[torch.Tensor], kwargs: dict,
                    device) -> Dict[str, torch.Tensor]:
-    """``{linear name: H (in, in) float32}`` of every linear of ``layer`` over all windows."""
-    hooks = {name: HessianHook(lin) for name, lin in find_linears(layer).items()}
+    """``{linear name: H (in, in) float32}`` of every linear of ``layer`` over all windows;
+    linears with the same input get the same tensor (see :class:`SharedHessians`)."""
+    shared = SharedHessians(layer)
     try:
         run_layer(layer, hidden, kwargs, device)
     finally:
-        for h in hooks.values():
-            h.remove()
-    return {name: h.H for name, h in hooks.items()}
+        shared.remove()
+    return shared.hessians()
+
+
+class NonFiniteError(ValueError):
+    """A weight, Hessian or quantized weight holds NaN or Inf; the message names the linear."""
+
+
+def _count_bad(t: torch.Tensor) -> int:
+    return int((~torch.isfinite(t)).sum())
+
+
+def check_weight(name: str, weight: torch.Tensor, dtype: str) -> None:
+    """Fail when the weight of linear ``name`` entering quantization is not finite."""
+    bad = _count_bad(weight)
+    if bad:
+        raise NonFiniteError(
+            f"{name}.weight has {bad} NaN/Inf of {weight.numel()} values before quantization: the "
+            f"checkpoint is corrupt or was converted with overflow (model dtype {dtype}); "
+            "re-download or re-convert the model and check it loads with finite weights")
+
+
+def check_hessian(name: str, index: int, H: torch.Tensor, dtype: str) -> None:
+    """Fail when the Hessian of linear ``name`` (the layer-``index`` activations) is not finite."""
+    bad = _count_bad(H)
+    if bad:
+        source = "the embeddings" if index == 0 else f"the outputs of decoder layer {index - 1}"
+        raise NonFiniteError(
+            f"the calibration activations entering {name} are not finite ({bad} NaN/Inf entries "
+            f"in its Hessian): {source} overflowed or hold NaN in {dtype}. Use "
+            "model.dtype=bfloat16 or float32 (float16 overflows above 65504), or check the "
+            "weights before this layer")
+
+
+def check_quantized(name: str, res, weight: torch.Tensor) -> None:
+    """Fail when quantizing finite inputs gave a non-finite weight or a NaN loss."""
+    bad = _count_bad(res.weight)
+    if bad or math.isnan(float(res.loss)):
+        raise NonFiniteError(
+            f"quantizing {name} gave {bad} NaN/Inf weights (loss {res.loss}) from a finite weight "
+            f"(max |W| = {weight.abs().max().item():.3g}) and a finite Hessian: a quantizer bug; "
+            "please report it with this layer name and the quant settings")
 
 
 @dataclass
 class QuantizeStats:
     """Outcome of :func:`quantize_model`: per-layer records (results.json ``layers``),
-    numel-weighted bits per weight, and seconds spent."""
+    numel-weighted bits per weight, seconds spent, stage timings (seconds: ``capture_s``,
+    ``hessian_s``, ``quantize_s``, ``propagate_s``, ``restore_s``), the layers taken from the
+    store and, with ``pack``, the packed linears ``{module name: (tensors, manifest entry)}``."""
 
     layers: List[dict] = field(default_factory=list)
     bits: Dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    timing: Dict[str, float] = field(default_factory=dict)
+    restored: int = 0
+    packed: Dict[str, tuple] = field(default_factory=dict)
+
+
+class _Clock:
+    """Accumulates seconds per stage; synchronizes CUDA so each stage gets its own time."""
+
+    def __init__(self, device):
+        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+        self.total: Dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def lap(self, stage: str) -> float:
+        self.sync()
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        self.total[stage] = self.total.get(stage, 0.0) + dt
+        return dt
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, tokens: torch.Tensor, quant: QuantConfig,
+def quantize_model(model: nn.Module, tokens: Optional[torch.Tensor], quant: QuantConfig,
                    device: torch.device,
                    on_layer: Optional[Callable[[dict], None]] = None,
                    only: Optional[Sequence[int]] = None,
                    on_linear: Optional[Callable[[str, object], None]] = None,
-                   return_codes: bool = False) -> QuantizeStats:
+                   return_codes: bool = False,
+                   store: Optional[LayerStore] = None,
+                   pack: Optional[Callable[[object], tuple]] = None) -> QuantizeStats:
     """Quantize every linear of every decoder layer of ``model`` (on CPU) in place, calibrating
     on ``tokens`` (nsamples, seqlen). ``on_layer`` is called with each finished layer record
-    ``{"index", "loss", "time_s", "linears": {name: {"loss", "bits_paper", "bits_full"}}}``.
+    ``{"index", "loss", "time_s", "hessian_s", "quantize_s", "propagate_s", "linears": {name:
+    {"loss", "bits_paper", "bits_full"}}}``.
     ``only``: indices of the layers to quantize (default all; quick experiments and tests).
     ``on_linear(name, res)`` is called after each linear with its full module name in ``model``
     and its :class:`hbllm.QuantResult` (``res.codes`` filled when ``return_codes``).
-    With ``quant.method == "none"`` nothing is touched."""
+    ``store``: each finished layer is saved there, and the layers already there are applied
+    instead of quantized (``tokens`` may be None when every layer is stored).
+    ``pack(res) -> (tensors, manifest entry)``: compress each linear's codes (kept in the store
+    and in ``stats.packed``). With ``quant.method == "none"`` nothing is touched."""
     from . import quantize_weight
 
     start = time.perf_counter()
@@ -175,41 +298,133 @@ def quantize_model(model: nn.Module, tokens: torch.Tensor, quant: QuantConfig,
         bits = float(next(find_layers(model)[1].parameters()).element_size() * 8)
         stats.bits = {"paper": bits, "full": bits}
         return stats
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     prefix, layers = find_layers(model)
     selected = set(range(len(layers)) if only is None else only)
-    inputs = capture_inputs(model, tokens, device)
-    hidden = inputs.hidden
+    last = max(selected)
+    stored = store.count() if store is not None and only is None else 0
+    clock = _Clock(device)
     total = {"paper": 0.0, "full": 0.0, "numel": 0}
-    bar = tqdm(range(max(selected) + 1), desc=f"quantize {quant.label}", unit="layer")
+
+    if stored > last:  # every layer stored: nothing to calibrate
+        return restore_model(model, store, quant)
+    if tokens is None:
+        raise ValueError("quantize_model needs calibration tokens unless every layer is stored")
+    inputs = capture_inputs(model, tokens, device)
+    clock.lap("capture_s")
+    hidden = inputs.hidden
+    bar = tqdm(range(last + 1), desc=f"quantize {quant.label}", unit="layer")
     for i in bar:
         t0 = time.perf_counter()
         layer = layers[i].to(device)
         kwargs = _to(inputs.kwargs[i], device)
+        linears = find_linears(layer)
+        if i < stored:  # quantized by an earlier attempt: rebuild the next layer's inputs
+            weights, record, packed = store.load(i)
+            _apply(layer, weights, f"{prefix}.{i}")
+            hidden = run_layer(layer, hidden, kwargs, device)
+            layer.to("cpu")
+            _account(total, record, linears)
+            stats.layers.append(record)
+            if packed is not None:
+                stats.packed.update({f"{prefix}.{i}.{n}": p for n, p in packed.items()})
+            stats.restored += 1
+            clock.lap("restore_s")
+            continue
         if i not in selected:
             hidden = run_layer(layer, hidden, kwargs, device)
             layer.to("cpu")
+            clock.lap("propagate_s")
             continue
+        clock.lap("move_s")
         hessians = layer_hessians(layer, hidden, kwargs, device)
-        record = {"index": i, "loss": 0.0, "time_s": 0.0, "linears": {}}
-        for name, lin in find_linears(layer).items():
-            res = quantize_weight(lin.weight.data, hessians.pop(name), quant,
-                                  return_codes=return_codes)
+        record = {"index": i, "loss": 0.0, "time_s": 0.0,
+                  "hessian_s": clock.lap("hessian_s"), "linears": {}}
+        checked = set()
+        layer_packed = {}
+        for name, lin in linears.items():
+            full = f"{prefix}.{i}.{name}"
+            H = hessians.pop(name)
+            if id(H) not in checked:
+                check_hessian(full, i, H, dtype)
+                checked.add(id(H))
+            check_weight(full, lin.weight, dtype)
+            res = quantize_weight(lin.weight.data, H, quant,
+                                  return_codes=return_codes or pack is not None)
+            check_quantized(full, res, lin.weight)
             lin.weight.data.copy_(res.weight)
+            if pack is not None:
+                layer_packed[name] = pack(res)
+                stats.packed[full] = layer_packed[name]
             if on_linear is not None:
-                on_linear(f"{prefix}.{i}.{name}", res)
+                on_linear(full, res)
             record["linears"][name] = {"loss": float(res.loss), "bits_paper": res.bits["paper"],
                                        "bits_full": res.bits["full"]}
             record["loss"] += float(res.loss)
-            total["paper"] += res.bits["paper"] * res.numel
-            total["full"] += res.bits["full"] * res.numel
-            total["numel"] += res.numel
+        del hessians
+        record["quantize_s"] = clock.lap("quantize_s")
         hidden = run_layer(layer, hidden, kwargs, device)
         layer.to("cpu")
+        record["propagate_s"] = clock.lap("propagate_s")
         record["time_s"] = time.perf_counter() - t0
+        _account(total, record, linears)
+        if store is not None and only is None:
+            store.save(i, {n: lin.weight for n, lin in linears.items()}, record,
+                       layer_packed if pack is not None else None)
+            clock.lap("store_s")
         stats.layers.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4g}")
         if on_layer is not None:
             on_layer(record)
     stats.bits = {"paper": total["paper"] / total["numel"], "full": total["full"] / total["numel"]}
     stats.seconds = time.perf_counter() - start
+    stats.timing = clock.total
     return stats
+
+
+@torch.no_grad()
+def restore_model(model: nn.Module, store: LayerStore, quant: QuantConfig) -> QuantizeStats:
+    """Apply every stored layer of ``store`` to ``model`` (no calibration); the stats of the
+    run that quantized them (records, bits; ``packed`` when stored)."""
+    start = time.perf_counter()
+    prefix, layers = find_layers(model)
+    if store.count() < len(layers):
+        raise ValueError(f"{store.dir} holds {store.count()} of {len(layers)} quantized layers; "
+                         "rerun the quantization to finish it")
+    stats = QuantizeStats()
+    total = {"paper": 0.0, "full": 0.0, "numel": 0}
+    for i, layer in enumerate(layers):
+        weights, record, packed = store.load(i)
+        _apply(layer, weights, f"{prefix}.{i}")
+        _account(total, record, find_linears(layer))
+        stats.layers.append(record)
+        if packed is not None:
+            stats.packed.update({f"{prefix}.{i}.{n}": p for n, p in packed.items()})
+    stats.restored = len(layers)
+    stats.bits = {"paper": total["paper"] / total["numel"], "full": total["full"] / total["numel"]}
+    stats.seconds = time.perf_counter() - start
+    stats.timing = {"restore_s": stats.seconds}
+    return stats
+
+
+def _account(total: Dict[str, float], record: dict, linears: Dict[str, nn.Linear]) -> None:
+    """Add a layer record's bits, weighted by each linear's weight count, to ``total``."""
+    for name, v in record["linears"].items():
+        n = linears[name].weight.numel()
+        total["paper"] += v["bits_paper"] * n
+        total["full"] += v["bits_full"] * n
+        total["numel"] += n
+
+
+def _apply(layer: nn.Module, weights: Dict[str, torch.Tensor], name: str) -> None:
+    """Copy stored quantized weights into the layer's linears (shapes checked)."""
+    linears = find_linears(layer)
+    if set(weights) != set(linears):
+        raise ValueError(f"the stored {name} has linears {sorted(weights)}, the model "
+                         f"{sorted(linears)}: the layers/ directory belongs to another model")
+    for n, lin in linears.items():
+        if weights[n].shape != lin.weight.shape:
+            raise ValueError(f"the stored {name}.{n} is {tuple(weights[n].shape)}, the model's "
+                             f"{tuple(lin.weight.shape)}: the layers/ directory belongs to "
+                             "another model")
+        lin.weight.data.copy_(weights[n])
