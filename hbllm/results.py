@@ -214,7 +214,7 @@ class Results:
         old = read_json(self.path) if resume else {}
         self.data: Dict[str, Any] = old if old.get("key") == key else {}
         self.resumed = bool(self.data)
-        self._fresh = not self.resumed  # the file on disk belongs to another key or is dropped
+        self._fresh = not resume  # resume=false: the first write drops what is on disk
         self.data["key"] = key
 
     @property
