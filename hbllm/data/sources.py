@@ -88,8 +88,12 @@ def local_file(name: str, split: str, local_dir: Path) -> Path:
 
 def check_text_file(path: Path, what: str, chunk: int = 1 << 20) -> None:
     """Raise :class:`DataUnavailable` naming ``path`` when it is not UTF-8 text (a NUL byte or
-    an invalid UTF-8 sequence), read in chunks of ``chunk`` bytes."""
+    an invalid UTF-8 sequence), read in chunks of ``chunk`` bytes. Compressed files (which
+    ``datasets`` decompresses) are not checked."""
     import codecs
+
+    if Path(path).suffix in (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4"):
+        return
 
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
