@@ -284,7 +284,9 @@ def _stages(rc: RunConfig, resolved: Dict[str, Any], key: str, results: Results,
         shutil.rmtree(store.dir)
         results.update(quantized=False)
     saved = run_dir / "model"
-    quantized = bool(results.get("quantized")) and rc.quant.method != "none"
+    # the stored layers are the quantized model: all of them must be there to skip calibration
+    quantized = (bool(results.get("quantized")) and rc.quant.method != "none"
+                 and store.count() >= len(results.get("layers", [])) > 0)
     need_model = (any(not e.startswith("baseline_") for e in todo)
                   or (rc.save_packed and "packed" not in results.data)
                   or (rc.save_model and not (saved / ".complete").exists())
