@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -413,8 +414,17 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """Console script ``hbllm``. Returns the first perplexity (for Hydra sweepers)."""
-    results = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    """Console script ``hbllm``. Returns the first perplexity (for Hydra sweepers). An invalid
+    config is one line on stderr (exit status 2); in a sweep it fails that run alone."""
+    from hydra.types import RunMode
+
+    try:
+        results = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        print(f"hbllm: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     return next(iter(results.get("ppl", {}).values()), None)
 
 

@@ -215,3 +215,13 @@ def test_linears_with_one_input_share_one_hessian():
     assert H[attn + "q_proj"] is H[attn + "k_proj"] is H[attn + "v_proj"]
     assert H[mlp + "gate_proj"] is H[mlp + "up_proj"]
     assert len({id(h) for h in H.values()}) == 4  # qkv, o, gate/up, down
+
+
+def test_a_single_bad_run_prints_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "hbllm.app", "model=tiny-llama", "quant.blocksize=7",
+           "logger=disabled", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=app_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "hbllm: invalid config: quant.blocksize=7 must be an even integer >= 2 (Haar pairs "
+        "adjacent columns inside a block)"]
