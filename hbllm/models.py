@@ -36,9 +36,15 @@ def _gguf_as_dir(gguf: Path) -> Path:
     if (target / ".complete").exists():
         return target
     log.info("Dequantizing %s once into %s (about a minute)", gguf, target)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as err:
+        raise ModelUnavailable(
+            f"{gguf} ({gguf.stat().st_size} bytes) could not be read as a GGUF model "
+            f"({type(err).__name__}: {err}): the file is truncated or corrupt; download it "
+            "again (compare its size and checksum with the source)") from err
     # the weights are plain tensors once dequantized: drop the GGUF marker so it saves normally
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -102,6 +108,28 @@ def _hub_error(what: str, path: str, e: Exception) -> ModelUnavailable:
                             f"`hf download {path}`. ({type(e).__name__}: {e})")
 
 
+def check_local_dir(path: str) -> None:
+    """Raise :class:`ModelUnavailable` naming the file when a local model directory's
+    ``config.json`` is not valid JSON (transformers would report the hub instead)."""
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelUnavailable(f"{config} is not valid JSON ({err}): the local model directory "
+                               "is corrupt; restore the file (re-download or save_pretrained "
+                               "the model again)") from err
+
+
+def _local_error(what: str, path: str, e: Exception) -> ModelUnavailable:
+    return ModelUnavailable(f"cannot load {what} from the local directory {path}: "
+                            f"{type(e).__name__}: {e}. Check its files (config.json, weights, "
+                            "tokenizer files) or save the model there again")
+
+
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer for ``cfg`` (``model.tokenizer`` or the model's own)."""
     from transformers import AutoTokenizer
@@ -110,10 +138,17 @@ def load_tokenizer(cfg: ModelConfig):
     if name is None or name == BYTE_TOKENIZER:
         return byte_tokenizer()
     path = resolve_path(ModelConfig(path=name, gguf_file=None if cfg.tokenizer else cfg.gguf_file))
+    local = Path(path).is_dir()
+    if local:
+        check_local_dir(path)
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=_offline(),
                                              trust_remote_code=cfg.trust_remote_code)
-    except OSError as e:
+    except (OSError, ValueError) as e:
+        if local:
+            raise _local_error("the tokenizer", path, e) from e
+        if isinstance(e, ValueError):
+            raise
         raise _hub_error("tokenizer", path, e) from e
 
 
@@ -128,11 +163,18 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         path = resolve_path(cfg)
+        local = Path(path).is_dir()
+        if local:
+            check_local_dir(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, local_files_only=_offline(),
                 trust_remote_code=cfg.trust_remote_code)
-        except OSError as e:
+        except (OSError, ValueError) as e:
+            if local:
+                raise _local_error("the model", path, e) from e
+            if isinstance(e, ValueError):
+                raise
             raise _hub_error("model", path, e) from e
     model.config.use_cache = False
     return model.eval()

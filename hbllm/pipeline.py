@@ -5,25 +5,33 @@
    called with (masks, position embeddings; Gemma3 differs per layer).
 2. For each layer: move it to the accelerator, accumulate ``H = 2/N X^T X`` (float32, running
    average) of every quantizable weight's input with forward hooks (linears, and each MoE
-   expert over exactly its routed tokens: :mod:`hbllm.weights`, :mod:`hbllm.moe`), quantize
-   each weight with :func:`hbllm.quantize_weight`, then recompute the layer's outputs with the
-   quantized weights; they are the next layer's inputs. Only the current layer lives on the
-   accelerator.
+   expert over exactly its routed tokens: :mod:`hbllm.weights`, :mod:`hbllm.moe`; linears fed
+   the same input tensor, q/k/v and gate/up, share one Hessian), quantize each weight with
+   :func:`hbllm.quantize_weight`, then recompute the layer's outputs with the quantized weights;
+   they are the next layer's inputs. Only the current layer lives on the accelerator.
+3. With a :class:`~hbllm.layer_store.LayerStore`, each finished layer is stored; a rerun applies
+   the stored layers, running them to rebuild the next layer's inputs, and continues from the
+   first unfinished one (equal results to an uninterrupted run).
+
+Numbers are checked where they enter: a non-finite weight or Hessian, or a quantizer output that
+is not finite, fails naming the layer and weight.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
-from .models import find_layers, find_linears, move_outside_layers
-from .weights import (Coverage, collect_hessians, fill_sparse_expert_hessians,
+from .layer_store import LayerStore
+from .models import find_layers, move_outside_layers
+from .weights import (Coverage, QuantWeight, collect_hessians, fill_sparse_expert_hessians,
                       quantizable_weights, select_weights, unreachable)
 
 log = logging.getLogger(__name__)
@@ -113,38 +121,55 @@ def run_layer(layer: nn.Module, hidden: List[torch.Tensor], kwargs: dict, device
     return outs
 
 
-class HessianHook:
-    """Forward hook accumulating ``H = 2/N X^T X`` (float32, running average over tokens) of a
-    linear's input ``X`` (tokens, in_features)."""
-
-    def __init__(self, linear: nn.Linear):
-        self.H = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float32,
-                             device=linear.weight.device)
-        self.n = 0
-        self.handle = linear.register_forward_hook(self)
-
-    def __call__(self, module, inputs, output) -> None:
-        x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-        m = x.shape[0]
-        self.H *= self.n / (self.n + m)
-        self.n += m
-        x = x * (2.0 / self.n) ** 0.5
-        self.H += x.T @ x
-
-    def remove(self) -> None:
-        self.handle.remove()
+def layer_hessians(layer: nn.Module, hidden: List[torch.Tensor], kwargs: dict, device,
+                   weights: Optional[List[QuantWeight]] = None
+                   ) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
+    """Run ``layer`` over the calibration windows once and return ``({hessian key: H (in, in)
+    float32}, {hessian key: tokens seen})`` for ``weights`` (default: every quantizable weight;
+    a linear's key is its name). Linears fed the same input tensor share one Hessian object
+    (:func:`hbllm.weights.collect_hessians`)."""
+    weights = quantizable_weights(layer) if weights is None else weights
+    return collect_hessians(layer, weights, lambda: run_layer(layer, hidden, kwargs, device))
 
 
-def layer_hessians(layer: nn.Module, hidden: List[torch.Tensor], kwargs: dict,
-                   device) -> Dict[str, torch.Tensor]:
-    """``{linear name: H (in, in) float32}`` of every linear of ``layer`` over all windows."""
-    hooks = {name: HessianHook(lin) for name, lin in find_linears(layer).items()}
-    try:
-        run_layer(layer, hidden, kwargs, device)
-    finally:
-        for h in hooks.values():
-            h.remove()
-    return {name: h.H for name, h in hooks.items()}
+class NonFiniteError(ValueError):
+    """A weight, Hessian or quantized weight holds NaN or Inf; the message names the linear."""
+
+
+def _count_bad(t: torch.Tensor) -> int:
+    return int((~torch.isfinite(t)).sum())
+
+
+def check_weight(name: str, weight: torch.Tensor, dtype: str) -> None:
+    """Fail when the weight of linear ``name`` entering quantization is not finite."""
+    bad = _count_bad(weight)
+    if bad:
+        raise NonFiniteError(
+            f"{name}.weight has {bad} NaN/Inf of {weight.numel()} values before quantization: the "
+            f"checkpoint is corrupt or was converted with overflow (model dtype {dtype}); "
+            "re-download or re-convert the model and check it loads with finite weights")
+
+
+def check_hessian(name: str, index: int, H: torch.Tensor, dtype: str) -> None:
+    """Fail when the Hessian of linear ``name`` (the layer-``index`` activations) is not finite."""
+    bad = _count_bad(H)
+    if bad:
+        source = "the embeddings" if index == 0 else f"the outputs of decoder layer {index - 1}"
+        raise NonFiniteError(
+            f"the calibration activations entering {name} are not finite ({bad} NaN/Inf entries "
+            f"in its Hessian): {source} overflowed or hold NaN in {dtype}. Use "
+            "model.dtype=bfloat16 or float32 (float16 overflows above 65504), or check the "
+            "weights before this layer")
+
+
+def check_quantized(name: str, res, weight: torch.Tensor) -> None:
+    """Fail when quantizing finite inputs gave a non-finite weight or a NaN loss."""
+    bad = _count_bad(res.weight)
+    if bad or math.isnan(float(res.loss)):
+        raise NonFiniteError(
+            f"quantizing {name} gave {bad} NaN/Inf weights (loss {res.loss}) from a finite weight "
+            f"(max |W| = {weight.abs().max().item():.3g}) and a finite Hessian: a quantizer bug; "
+            "please report it with this layer name and the quant settings")
 
 
 def check_reachable(layers: nn.ModuleList, selected, quant: QuantConfig) -> None:
@@ -167,29 +192,57 @@ def check_reachable(layers: nn.ModuleList, selected, quant: QuantConfig) -> None
 @dataclass
 class QuantizeStats:
     """Outcome of :func:`quantize_model`: per-layer records (results.json ``layers``),
-    numel-weighted bits per weight (:meth:`hbllm.weights.Coverage.bits`), seconds spent, and
-    the coverage report (:meth:`hbllm.weights.Coverage.report`)."""
+    numel-weighted bits per weight (:meth:`hbllm.weights.Coverage.bits`), seconds spent, stage
+    timings (seconds: ``capture_s``, ``hessian_s``, ``quantize_s``, ``propagate_s``,
+    ``restore_s``), the coverage report (:meth:`hbllm.weights.Coverage.report`), the layers
+    taken from the store and, with ``pack``, the packed linears ``{module name: (tensors,
+    manifest entry)}``."""
 
     layers: List[dict] = field(default_factory=list)
     bits: Dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     coverage: dict = field(default_factory=dict)
+    timing: Dict[str, float] = field(default_factory=dict)
+    restored: int = 0
+    packed: Dict[str, tuple] = field(default_factory=dict)
+
+
+class _Clock:
+    """Accumulates seconds per stage; synchronizes CUDA so each stage gets its own time."""
+
+    def __init__(self, device):
+        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+        self.total: Dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def lap(self, stage: str) -> float:
+        self.sync()
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        self.total[stage] = self.total.get(stage, 0.0) + dt
+        return dt
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, tokens: torch.Tensor, quant: QuantConfig,
+def quantize_model(model: nn.Module, tokens: Optional[torch.Tensor], quant: QuantConfig,
                    device: torch.device,
                    on_layer: Optional[Callable[[dict], None]] = None,
                    only: Optional[Sequence[int]] = None,
                    on_linear: Optional[Callable[[str, object], None]] = None,
-                   return_codes: bool = False) -> QuantizeStats:
+                   return_codes: bool = False,
+                   store: Optional[LayerStore] = None,
+                   pack: Optional[Callable[[object], tuple]] = None) -> QuantizeStats:
     """Quantize every linear of every decoder layer of ``model`` (on CPU) in place, calibrating
     on ``tokens`` (nsamples, seqlen). ``on_layer`` is called with each finished layer record
-    ``{"index", "loss", "time_s", "linears": {name: {"loss", "bits_paper", "bits_full"}}}``.
+    ``{"index", "loss", "time_s", "hessian_s", "quantize_s", "propagate_s", "linears": {name:
+    {"loss", "bits_paper", "bits_full"}}}``.
     ``only``: indices of the layers to quantize (default all; quick experiments and tests).
     ``on_linear(name, res)`` is called after each linear with its full module name in ``model``
     and its :class:`hbllm.QuantResult` (``res.codes`` filled when ``return_codes``).
-    With ``quant.method == "none"`` nothing is touched."""
+    ``store``: each finished layer is saved there, and the layers already there are applied
+    instead of quantized (``tokens`` may be None when every layer is stored).
+    ``pack(res) -> (tensors, manifest entry)``: compress each linear's codes (kept in the store
+    and in ``stats.packed``). With ``quant.method == "none"`` nothing is touched."""
     from . import quantize_weight
 
     start = time.perf_counter()
@@ -198,45 +251,84 @@ def quantize_model(model: nn.Module, tokens: torch.Tensor, quant: QuantConfig,
         bits = float(next(find_layers(model)[1].parameters()).element_size() * 8)
         stats.bits = {"paper": bits, "full": bits}
         return stats
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     prefix, layers = find_layers(model)
     selected = set(range(len(layers)) if only is None else only)
+    last = max(selected)
     check_reachable(layers, selected, quant)  # before any calibration work
+    stored = store.count() if store is not None and only is None else 0
+    clock = _Clock(device)
     coverage = Coverage()
+
+    if stored > last:  # every layer stored: nothing to calibrate
+        return restore_model(model, store, quant)
+    if tokens is None:
+        raise ValueError("quantize_model needs calibration tokens unless every layer is stored")
     inputs = capture_inputs(model, tokens, device)
+    clock.lap("capture_s")
     hidden = inputs.hidden
-    bar = tqdm(range(max(selected) + 1), desc=f"quantize {quant.label}", unit="layer")
+    bar = tqdm(range(last + 1), desc=f"quantize {quant.label}", unit="layer")
     for i in bar:
         t0 = time.perf_counter()
         layer = layers[i].to(device)
         kwargs = _to(inputs.kwargs[i], device)
+        weights = quantizable_weights(layer)
+        if i < stored:  # quantized by an earlier attempt: rebuild the next layer's inputs
+            _restore_layer(layer, weights, store, i, f"{prefix}.{i}", quant, coverage, stats)
+            hidden = run_layer(layer, hidden, kwargs, device)
+            layer.to("cpu")
+            stats.restored += 1
+            clock.lap("restore_s")
+            continue
         if i not in selected:
             hidden = run_layer(layer, hidden, kwargs, device)
             layer.to("cpu")
+            clock.lap("propagate_s")
             continue
-        weights = quantizable_weights(layer)
+        clock.lap("move_s")
         todo, left = select_weights(weights, quant.skip, quant.quantize_routers)
-        hessians, counts = collect_hessians(
-            layer, todo, lambda: run_layer(layer, hidden, kwargs, device))
+        hessians, counts = layer_hessians(layer, hidden, kwargs, device, todo)
         experts = fill_sparse_expert_hessians(todo, hessians, counts, quant.expert_min_tokens)
-        record = {"index": i, "loss": 0.0, "time_s": 0.0, "linears": {}}
+        record = {"index": i, "loss": 0.0, "time_s": 0.0,
+                  "hessian_s": clock.lap("hessian_s"), "linears": {}}
         if experts:
             record["experts"] = experts
-        last_use = {w.hessian_key: j for j, w in enumerate(todo)}
-        for j, w in enumerate(todo):
-            H = hessians[w.hessian_key] if last_use[w.hessian_key] > j \
-                else hessians.pop(w.hessian_key)
-            res = quantize_weight(w.get(), H, quant, return_codes=return_codes)
+        checked = set()
+        layer_packed = {}
+        for w in todo:
+            full = f"{prefix}.{i}.{w.name}"
+            H = hessians[w.hessian_key]
+            if id(H) not in checked:
+                check_hessian(full, i, H, dtype)
+                checked.add(id(H))
+            W = w.get()
+            check_weight(full, W, dtype)
+            res = quantize_weight(W, H, quant, return_codes=return_codes or pack is not None)
+            check_quantized(full, res, W)
             w.set(res.weight)
-            if on_linear is not None and isinstance(w.module, nn.Linear):
-                on_linear(f"{prefix}.{i}.{w.name}", res)
-            record["linears"][w.name] = {"loss": float(res.loss), "bits_paper": res.bits["paper"],
+            if isinstance(w.module, nn.Linear):
+                if pack is not None:
+                    layer_packed[w.name] = pack(res)
+                    stats.packed[full] = layer_packed[w.name]
+                if on_linear is not None:
+                    on_linear(full, res)
+            record["linears"][w.name] = {"loss": float(res.loss),
+                                         "bits_paper": res.bits["paper"],
                                          "bits_full": res.bits["full"]}
             record["loss"] += float(res.loss)
-            coverage.add_quantized(res.bits, res.numel)
-        coverage.add_layer(layer, weights, {w.name for w in todo}, left)
+        del hessians
+        record["quantize_s"] = clock.lap("quantize_s")
         hidden = run_layer(layer, hidden, kwargs, device)
         layer.to("cpu")
+        record["propagate_s"] = clock.lap("propagate_s")
         record["time_s"] = time.perf_counter() - t0
+        for w in todo:
+            coverage.add_quantized(_bits(record["linears"][w.name]), w.numel)
+        coverage.add_layer(layer, weights, {w.name for w in todo}, left)
+        if store is not None and only is None:
+            store.save(i, {w.name: w.get() for w in todo}, record,
+                       layer_packed if pack is not None else None)
+            clock.lap("store_s")
         stats.layers.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4g}")
         if on_layer is not None:
@@ -247,4 +339,56 @@ def quantize_model(model: nn.Module, tokens: torch.Tensor, quant: QuantConfig,
     stats.bits = coverage.bits()
     stats.coverage = coverage.report()
     stats.seconds = time.perf_counter() - start
+    stats.timing = clock.total
     return stats
+
+
+@torch.no_grad()
+def restore_model(model: nn.Module, store: LayerStore, quant: QuantConfig) -> QuantizeStats:
+    """Apply every stored layer of ``store`` to ``model`` (no calibration); the stats of the
+    run that quantized them (records, bits, coverage; ``packed`` when stored)."""
+    start = time.perf_counter()
+    prefix, layers = find_layers(model)
+    if store.count() < len(layers):
+        raise ValueError(f"{store.dir} holds {store.count()} of {len(layers)} quantized layers; "
+                         "rerun the quantization to finish it")
+    stats = QuantizeStats()
+    coverage = Coverage()
+    for i, layer in enumerate(layers):
+        _restore_layer(layer, quantizable_weights(layer), store, i, f"{prefix}.{i}", quant,
+                       coverage, stats)
+    stats.restored = len(layers)
+    stats.bits = coverage.bits()
+    stats.coverage = coverage.report()
+    stats.seconds = time.perf_counter() - start
+    stats.timing = {"restore_s": stats.seconds}
+    return stats
+
+
+def _bits(linear_record: dict) -> Dict[str, float]:
+    return {"paper": linear_record["bits_paper"], "full": linear_record["bits_full"]}
+
+
+def _restore_layer(layer: nn.Module, weights: List[QuantWeight], store: LayerStore, index: int,
+                   name: str, quant: QuantConfig, coverage: Coverage,
+                   stats: QuantizeStats) -> None:
+    """Copy stored layer ``index`` into ``layer`` (shapes checked) and account for it in
+    ``coverage`` and ``stats`` (record, packed linears)."""
+    stored, record, packed = store.load(index)
+    todo, left = select_weights(weights, quant.skip, quant.quantize_routers)
+    by_name = {w.name: w for w in todo}
+    if set(stored) != set(by_name):
+        raise ValueError(f"the stored {name} has weights {sorted(stored)}, the model "
+                         f"{sorted(by_name)}: the layers/ directory belongs to another model or "
+                         "other quant.skip settings")
+    for n, w in by_name.items():
+        if tuple(stored[n].shape) != tuple(w.get().shape):
+            raise ValueError(f"the stored {name}.{n} is {tuple(stored[n].shape)}, the model's "
+                             f"{tuple(w.get().shape)}: the layers/ directory belongs to "
+                             "another model")
+        w.set(stored[n])
+        coverage.add_quantized(_bits(record["linears"][n]), w.numel)
+    coverage.add_layer(layer, weights, set(by_name), left)
+    stats.layers.append(record)
+    if packed is not None:
+        stats.packed.update({f"{name}.{n}": p for n, p in packed.items()})

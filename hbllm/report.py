@@ -26,6 +26,8 @@ import pandas as pd
 
 from hbllm.reference import report_columns
 
+from .results import experiment_id
+
 RESULTS = "results.json"
 # config subtrees that differ between runs without being a swept experiment parameter
 _CONFIG_NOISE = ("logger", "name", "data", "device")
@@ -111,7 +113,8 @@ def find_runs(dirs: Sequence[Path], wandb_dirs: Sequence[Path] = ()) -> List[Run
         for res in sorted(root.rglob(f"files/{RESULTS}")):  # offline-run-<date>_<time>-...: in order
             results = _read_json(res)
             group = (results.get("config") or {}).get("logger", {}).get("group") or "wandb"
-            latest[results.get("key") or str(res)] = Run(res.parent.parent, f"wandb:{group}", results)
+            ident = experiment_id(results["config"]) if results.get("config") else str(res)
+            latest[ident] = Run(res.parent.parent, f"wandb:{group}", results)
         runs.extend(latest.values())
     return runs
 

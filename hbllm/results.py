@@ -1,40 +1,220 @@
-"""``results.json`` of one run: written atomically as values become known, and the resume key.
+"""``results.json`` of one run directory: its identity, one writer at a time, merged writes.
 
-The key is a hash of the resolved config without the parts that do not change results
-(``logger``, ``resume``, ``name``). The Hydra run directory is named after it (see
-``conf/config.yaml``), so rerunning an identical config finds its own results.json: a ``done``
-run is skipped; a partial run keeps every stored stage (baseline perplexities and zero-shot),
-and reuses the quantized model saved by ``save_model=true`` instead of quantizing again.
+**Identity.** A run directory holds one quantized model, identified by :func:`model_key`: a hash
+of what determines the quantized weights (``model``, ``calib``, ``quant``, ``seed``). Device,
+logger, evaluation settings and output switches are not part of it, so changing them reuses the
+quantization. Each evaluation stored beside the model carries its own key
+(:func:`eval_keys`: the dataset and the settings that change its number), so adding a dataset,
+the baseline or zero-shot to a finished run evaluates only what is new. :func:`experiment_id` and
+:func:`finished` combine both; the app, the sweep launcher's skip rule and ``hbllm-report`` use
+them.
+
+**One writer.** :class:`RunLock` takes an exclusive ``fcntl.flock`` on ``<run dir>/.lock`` for
+the whole run. A second run of the same directory (a SLURM retry, a resubmitted sweep, another
+terminal) *waits* for the first, logging the holder's host and PID, then finds the stored work
+and does only what is still missing. Waiting (not failing) is chosen because two branches of a
+sweep that differ only in evaluation settings share a directory by design.
+
+**Merged writes.** :meth:`Results.write` re-reads results.json and applies this process's
+changes on top of what is there, so nothing another writer stored is replaced by stale state.
+The file is strict JSON: non-finite floats are written as ``null`` (``allow_nan=False``).
 """
 from __future__ import annotations
 
+import copy
+import fcntl
 import hashlib
 import json
+import logging
+import math
 import os
+import socket
+import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
-NOT_IN_KEY = ("logger", "resume", "name", "hydra")
+log = logging.getLogger(__name__)
+
+MODEL_KEY_PARTS = ("model", "calib", "quant", "seed")
+# display-only fields that do not change the quantized weights
+_NOT_IN_MODEL = {"quant": ("name",), "model": ("name",)}
+# EvalConfig fields that do not change an evaluation's number
+_EVAL_NOISE = ("batch_size", "baseline", "datasets", "zeroshot")
+_ZEROSHOT_NOISE = ("enabled", "batch_size")
 
 
-def config_key(resolved: Dict[str, Any]) -> str:
-    """12 hex digits identifying the experiment described by a resolved config dict."""
-    kept = {k: v for k, v in resolved.items() if k not in NOT_IN_KEY}
-    blob = json.dumps(kept, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def model_key(resolved: Dict[str, Any]) -> str:
+    """12 hex digits identifying the quantized model of a resolved config: model, calib, quant
+    and seed (not evaluation, device, logger, name, resume, save_* ...)."""
+    kept = {}
+    for part in MODEL_KEY_PARTS:
+        value = resolved.get(part)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in _NOT_IN_MODEL.get(part, ())}
+        kept[part] = value
+    return _hash(kept)
+
+
+def eval_keys(resolved: Dict[str, Any]) -> Dict[str, str]:
+    """``{"<section>/<name>": key}`` of every evaluation a resolved config asks for: sections
+    ``ppl`` and ``baseline_ppl`` (one entry per dataset), ``zeroshot`` and
+    ``baseline_zeroshot`` (one entry, name ``all``). A key hashes what changes that number."""
+    ev = resolved.get("eval", {})
+    model = resolved.get("model", {})
+    data = resolved.get("data", {})
+    common = {k: v for k, v in ev.items() if k not in _EVAL_NOISE}
+    common["seqlen"] = ev.get("seqlen") or model.get("seqlen")
+    sections = ["ppl"] + (["baseline_ppl"] if ev.get("baseline") else [])
+    out = {}
+    for section in sections:
+        for d in ev.get("datasets", []):
+            source = {"local_dir": data.get("local_dir"),
+                      "files": data.get("eval_files") if d == "text_files" else None}
+            out[f"{section}/{d}"] = _hash({"dataset": d, **common, **source})
+    zs = ev.get("zeroshot", {})
+    if zs.get("enabled"):
+        zkey = _hash({k: v for k, v in zs.items() if k not in _ZEROSHOT_NOISE})
+        out["zeroshot/all"] = zkey
+        if ev.get("baseline"):
+            out["baseline_zeroshot/all"] = zkey
+    return out
+
+
+def experiment_id(resolved: Dict[str, Any]) -> str:
+    """The identity of a run's *numbers*: the model key and the keys of its evaluations (two
+    results.json with the same identity report the same experiment)."""
+    return f"{model_key(resolved)}-{_hash(sorted(eval_keys(resolved).items()))}"
+
+
+def missing_evals(data: Dict[str, Any], resolved: Dict[str, Any]) -> List[str]:
+    """The ``section/name`` entries of :func:`eval_keys` not stored (with that key) in ``data``."""
+    stored = data.get("eval_keys", {})
+    return [k for k, v in eval_keys(resolved).items()
+            if stored.get(k) != v or _lookup(data, k) is None]
+
+
+def _lookup(data: Dict[str, Any], entry: str):
+    section, name = entry.split("/", 1)
+    return data.get(section) if name == "all" else data.get(section, {}).get(name)
+
+
+def finished(data: Dict[str, Any], resolved: Dict[str, Any]) -> bool:
+    """True when ``data`` (a results.json) holds the finished quantized model of ``resolved``
+    and every evaluation it asks for: the one rule for "nothing left to do". A results.json
+    without a key (written by another app) is finished when its status is ``done``."""
+    if "key" not in data:
+        return data.get("status") == "done"
+    return (data.get("key") == model_key(resolved) and data.get("quantized") is True
+            and not missing_evals(data, resolved))
+
+
+class CorruptResults(ValueError):
+    """results.json exists but is not readable JSON; the message says what to do."""
+
+
+def read_json(path: Path) -> Dict[str, Any]:
+    """A results.json as a dict; {} when absent. Corrupt files raise :class:`CorruptResults`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CorruptResults(
+            f"{path} is not valid JSON ({err}). Move it away (e.g. `mv {path} {path}.bad`) and "
+            "rerun: the stored layers and evaluations of the run directory are read again where "
+            "possible, the rest is recomputed") from err
+
+
+def strict(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (strict JSON has no NaN/Infinity)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    """Strict JSON text (NaN/Infinity -> null)."""
+    return json.dumps(strict(obj), indent=2, default=str, allow_nan=False)
+
+
+class RunLock:
+    """Exclusive OS lock (``fcntl.flock``) on ``<run_dir>/.lock`` held for a whole run; waits
+    for a holder, logging who it is. Released when the process ends, however it ends."""
+
+    def __init__(self, run_dir: Path, poll_s: float = 1.0):
+        self.path = Path(run_dir) / ".lock"
+        self.poll_s = poll_s
+        self._fd: Optional[int] = None
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    log.warning("%s is in use by %s: waiting for it to finish (the same run "
+                                "directory takes one writer at a time)", self.path.parent,
+                                self.holder())
+                    waited = True
+                time.sleep(self.poll_s)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_DELETE = object()
 
 
 class Results:
-    """The results.json of a run directory. ``resume=False`` or a different key starts over."""
+    """The results.json of a run directory (hold its :class:`RunLock` while writing).
+    ``resume=False`` or a different model key starts over."""
 
     def __init__(self, path: Path, key: str, resume: bool = True):
         self.path = Path(path)
-        self.data: Dict[str, Any] = {}
-        if resume and self.path.exists():
-            old = json.loads(self.path.read_text())
-            if old.get("key") == key:
-                self.data = old
+        self.key = key
+        self._changes: List[Tuple[Tuple[str, ...], Any]] = []
+        old = read_json(self.path) if resume else {}
+        self.data: Dict[str, Any] = old if old.get("key") == key else {}
         self.resumed = bool(self.data)
+        self._fresh = not resume  # resume=false: the first write drops what is on disk
         self.data["key"] = key
 
     @property
@@ -45,17 +225,42 @@ class Results:
         return self.data.get(name, default)
 
     def update(self, **values) -> None:
-        """Set top-level entries and rewrite the file (atomically)."""
-        self.data.update(values)
+        """Set top-level entries and rewrite the file (merged, atomically)."""
+        for k, v in values.items():
+            self.data[k] = v
+            self._changes.append(((k,), copy.deepcopy(v)))
+        self.write()
+
+    def pop(self, name: str) -> None:
+        """Remove a top-level entry (and rewrite)."""
+        self.data.pop(name, None)
+        self._changes.append(((name,), _DELETE))
         self.write()
 
     def set_in(self, section: str, name: str, value) -> None:
         """Set ``data[section][name] = value`` (e.g. one dataset's perplexity) and rewrite."""
         self.data.setdefault(section, {})[name] = value
+        self._changes.append(((section, name), copy.deepcopy(value)))
         self.write()
 
     def write(self) -> None:
+        """Re-read the file and apply this process's changes on top: merge, never replace."""
+        disk = {} if self._fresh else read_json(self.path)
+        if disk.get("key") != self.key:
+            disk = {"key": self.key}
+        for path, value in self._changes:
+            node = disk
+            for part in path[:-1]:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node = node[part]
+            if value is _DELETE:
+                node.pop(path[-1], None)
+            else:
+                node[path[-1]] = copy.deepcopy(value)
+        self.data = disk
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        tmp.write_text(dumps(disk))
         os.replace(tmp, self.path)
+        self._fresh = False

@@ -4,7 +4,7 @@ A :class:`QuantWeight` is one ``(out, in)`` matrix that :func:`hbllm.quantize_we
 an ``nn.Linear`` weight, one expert's gate / up / down matrix inside a fused 3-D expert tensor
 (:mod:`hbllm.moe`), or a router's weight. Every weight has a kind (attention, mlp, experts,
 router, other) and a Hessian key: weights reading the same input (an expert's gate and up) share
-one Hessian. :func:`collect_hessians` records them all in one pass over the calibration windows,
+one Hessian, and so do linears called with the very same input tensor (q/k/v, gate/up). :func:`collect_hessians` records them all in one pass over the calibration windows,
 the experts' through the model's own routing.
 
 Coverage: every parameter of the decoder is counted as quantized or full precision, by kind.
@@ -150,25 +150,74 @@ def unreachable(layer: nn.Module, weights: List[QuantWeight], skip: Sequence[str
 
 
 class InputHessian:
-    """Forward hook accumulating ``H = 2/N X^T X`` (float32, running average over tokens) of
-    the input ``X`` (tokens, in) of a module applying a 2-D ``weight`` (linear or router)."""
+    """``H = 2/N X^T X`` (float32, running average over tokens) of inputs ``X`` (tokens, cols)
+    given to :meth:`add`."""
 
-    def __init__(self, module: nn.Module):
-        cols = module.weight.shape[1]
-        self.H = torch.zeros(cols, cols, dtype=torch.float32, device=module.weight.device)
+    def __init__(self, cols: int, device):
+        self.H = torch.zeros(cols, cols, dtype=torch.float32, device=device)
         self.n = 0
-        self.handle = module.register_forward_hook(self)
 
-    def __call__(self, module, inputs, output) -> None:
-        x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+    def add(self, inp: torch.Tensor) -> None:
+        x = inp.reshape(-1, inp.shape[-1]).float()
         m = x.shape[0]
         self.H *= self.n / (self.n + m)
         self.n += m
         x = x * (2.0 / self.n) ** 0.5
         self.H += x.T @ x
 
+
+class SharedInputHessians:
+    """Forward hooks on ``modules`` ``{name: module applying a 2-D weight}`` inside ``layer``:
+    one :class:`InputHessian` per distinct input tensor. A module called with the very tensor an
+    earlier module got in the same forward of ``layer`` (q/k/v on the normed hidden states,
+    gate/up) shares that module's accumulator; the sharing seen in the first window must hold
+    in every window."""
+
+    def __init__(self, layer: nn.Module, modules: Dict[str, nn.Module]):
+        self.modules = modules
+        self.owner: Dict[str, str] = {}  # module -> the module whose accumulator it uses
+        self.acc: Dict[str, InputHessian] = {}
+        self._window: List[tuple] = []  # (input tensor, owner) of the current forward
+        self._windows = 0
+        self.handles = [layer.register_forward_pre_hook(self._new_window)]
+        for name, module in modules.items():
+            self.handles.append(module.register_forward_hook(self._hook(name, module)))
+
+    def _new_window(self, module, args) -> None:
+        self._window = []
+        self._windows += 1
+
+    def _hook(self, name: str, module: nn.Module):
+        def hook(mod, inputs, output) -> None:
+            x = inputs[0]
+            owner = next((o for t, o in self._window if t is x), name)
+            if self._windows == 1:
+                self.owner[name] = owner
+            elif self.owner.get(name) != owner:
+                raise RuntimeError(f"{name} shared its input with {self.owner.get(name)} in the "
+                                   f"first calibration window but not in window {self._windows}")
+            if owner == name:
+                if name not in self.acc:
+                    w = module.weight
+                    self.acc[name] = InputHessian(w.shape[1], w.device)
+                self.acc[name].add(x)
+                self._window.append((x, name))
+        return hook
+
     def remove(self) -> None:
-        self.handle.remove()
+        for h in self.handles:
+            h.remove()
+        self._window = []
+
+    def hessians(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
+        """``({module: H}, {module: tokens})``; modules sharing an input share the tensor, a
+        module never called (an expert no token was routed to) gets zeros and 0 tokens."""
+        for name, module in self.modules.items():
+            if name not in self.owner:
+                self.owner[name] = name
+                self.acc[name] = InputHessian(module.weight.shape[1], module.weight.device)
+        return ({n: self.acc[o].H for n, o in self.owner.items()},
+                {n: self.acc[o].n for n, o in self.owner.items()})
 
 
 @torch.no_grad()
@@ -179,7 +228,7 @@ def collect_hessians(layer: nn.Module, weights: List[QuantWeight], forward: Call
     An expert's Hessian holds exactly the tokens the model routed to it."""
     keys = {w.hessian_key for w in weights}
     modules = dict(layer.named_modules())
-    linear_hooks = {k: InputHessian(modules[k]) for k in keys if k in modules}
+    linear_hooks = SharedInputHessians(layer, {k: modules[k] for k in keys if k in modules})
     expert_hooks = {}
     for name, experts in find_fused_experts(layer).items():
         roles = tuple(r for r in ("in", "mid") if any(k.startswith(f"{name}.") and
@@ -189,10 +238,9 @@ def collect_hessians(layer: nn.Module, weights: List[QuantWeight], forward: Call
     try:
         forward()
     finally:
-        for h in [*linear_hooks.values(), *expert_hooks.values()]:
+        for h in [linear_hooks, *expert_hooks.values()]:
             h.remove()
-    hessians = {k: h.H for k, h in linear_hooks.items()}
-    tokens = {k: h.n for k, h in linear_hooks.items()}
+    hessians, tokens = linear_hooks.hessians()
     for name, h in expert_hooks.items():
         for e, n in enumerate(h.tokens):
             for role, H in (("in", h.hin), ("mid", h.hmid)):

@@ -36,8 +36,8 @@ class Mutant:
 MUTANTS = [
     Mutant("full-precision feed (pipeline.py)", [
         ("hbllm/pipeline.py",
-         "        hessians = layer_hessians(layer, hidden, kwargs, device)\n",
-         "        hessians = layer_hessians(layer, hidden, kwargs, device)\n"
+         "        hessians, counts = layer_hessians(layer, hidden, kwargs, device, todo)\n",
+         "        hessians, counts = layer_hessians(layer, hidden, kwargs, device, todo)\n"
          "        fp_next = run_layer(layer, hidden, kwargs, device)\n"),
         ("hbllm/pipeline.py",
          "        hidden = run_layer(layer, hidden, kwargs, device)\n"

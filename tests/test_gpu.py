@@ -85,9 +85,9 @@ def quantized_tiny(kind: str, cfg, device, tokens):
     where = []
     real = pipeline.layer_hessians
 
-    def watching(layer, hidden, kwargs, dev):
+    def watching(layer, hidden, kwargs, dev, *weights):
         where.append((next(layer.parameters()).device.type, hidden[0].device.type))
-        return real(layer, hidden, kwargs, dev)
+        return real(layer, hidden, kwargs, dev, *weights)
 
     pipeline.layer_hessians = watching
     try:

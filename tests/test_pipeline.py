@@ -51,7 +51,8 @@ def test_hessian_equals_direct_xtx(tiny_model, calib_tokens):
         run_layer(layer, inputs.hidden, inputs.kwargs[0], CPU)
     for h in handles:
         h.remove()
-    hessians = layer_hessians(layer, inputs.hidden, inputs.kwargs[0], CPU)
+    hessians, tokens = layer_hessians(layer, inputs.hidden, inputs.kwargs[0], CPU)
+    assert set(tokens.values()) == {calib_tokens.numel()}
     assert set(hessians) == set(find_linears(layer))
     for name, H in hessians.items():
         X = torch.cat(seen[name]).double()
@@ -89,7 +90,7 @@ def test_every_decoder_linear_is_quantized_and_nothing_else(tiny_model, calib_to
                        for r in stats.layers for n in r["linears"]) / sum(numel.values())
         assert stats.bits[kind] == pytest.approx(weighted, rel=1e-12)
     if method == "sign":  # per row of a 16-column block: 16 signs + fp16 mean and scale
-        assert stats.bits == {"paper": 1.0, "full": pytest.approx((16 + 32) / 16)}
+        assert (stats.bits["paper"], stats.bits["full"]) == (1.0, pytest.approx((16 + 32) / 16))
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 

@@ -27,10 +27,10 @@ def record_calibration_inputs(monkeypatch, layers):
     seen = {}
     real = pipeline.layer_hessians
 
-    def recording(layer, hidden, kwargs, device):
+    def recording(layer, hidden, kwargs, device, *weights):
         index = next(i for i, m in enumerate(layers) if m is layer)
         seen[index] = ([h.detach().clone() for h in hidden], kwargs)
-        return real(layer, hidden, kwargs, device)
+        return real(layer, hidden, kwargs, device, *weights)
 
     monkeypatch.setattr(pipeline, "layer_hessians", recording)
     return seen
@@ -58,8 +58,8 @@ def full_precision_feed(monkeypatch):
     fp_out = {}
     real_hessians, real_run = pipeline.layer_hessians, pipeline.run_layer
 
-    def hessians(layer, hidden, kwargs, device):
-        result = real_hessians(layer, hidden, kwargs, device)  # calls run_layer itself
+    def hessians(layer, hidden, kwargs, device, *weights):
+        result = real_hessians(layer, hidden, kwargs, device, *weights)  # calls run_layer itself
         fp_out[id(layer)] = real_run(layer, hidden, kwargs, device)
         return result
 

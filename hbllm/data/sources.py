@@ -86,8 +86,39 @@ def local_file(name: str, split: str, local_dir: Path) -> Path:
         f"(e.g. calib.name=wiki_sample or text_files).")
 
 
+def check_text_file(path: Path, what: str, chunk: int = 1 << 20) -> None:
+    """Raise :class:`DataUnavailable` naming ``path`` when it is not UTF-8 text (a NUL byte or
+    an invalid UTF-8 sequence), read in chunks of ``chunk`` bytes. Compressed files (which
+    ``datasets`` decompresses) are not checked."""
+    import codecs
+
+    if Path(path).suffix in (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4"):
+        return
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            final = not block
+            nul = block.find(b"\0")
+            if nul >= 0:
+                raise DataUnavailable(f"{what}: {path} is a binary file (NUL byte at offset "
+                                      f"{offset + nul}), not text: give UTF-8 text files")
+            try:
+                decoder.decode(block, final=final)
+            except UnicodeDecodeError as err:
+                raise DataUnavailable(
+                    f"{what}: {path} is not UTF-8 text ({err.reason} near byte "
+                    f"{offset + err.start}): convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+            if final:
+                return
+            offset += len(block)
+
+
 def _load_local(name: str, src: HubSource, split: str, local_dir: Path) -> datasets.Dataset:
     path = str(local_file(name, split, local_dir))
+    check_text_file(Path(path), f"data.local_dir ({name} {split})")
     if name == "c4":
         ds = datasets.load_dataset("json", data_files={split: path}, split=split)
         return ds.select_columns(["text"])

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import wiki_sample
-from .sources import DataUnavailable, load_split
+from .sources import DataUnavailable, check_text_file, load_split
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ def read_text_files(files: List[str], what: str) -> List[str]:
     if missing:
         raise DataUnavailable(f"{what}: file(s) not found: {missing}")
     paths = [str(Path(f).expanduser()) for f in files]
+    for path in paths:
+        check_text_file(Path(path), what)
     ds = datasets.load_dataset("text", data_files={"files": paths}, split="files",
                                sample_by="document", keep_linebreaks=True)
     return ds["text"]

@@ -97,6 +97,7 @@ def pack(model: nn.Module, directory: Union[str, Path], codes: Optional[Mapping[
         rest[key] = value.detach().cpu().contiguous()
     save_file(tensors, str(directory / LINEARS))
     save_file(rest, str(directory / REST))
+    checksums = {name: file_sha256(directory / name) for name in (LINEARS, REST)}
     if hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
         model.config.save_pretrained(directory)
     weights = sum(m["rows"] * m["cols"] for m in metas.values())
@@ -106,9 +107,42 @@ def pack(model: nn.Module, directory: Union[str, Path], codes: Optional[Mapping[
               "file_bytes": (directory / LINEARS).stat().st_size + (directory / REST).stat().st_size}
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
                 "method": getattr(quant, "label", None) or "hbllm",
-                "quant": _quant_dict(quant), "linears": metas, "aliases": aliases, "size": report}
+                "quant": _quant_dict(quant), "linears": metas, "aliases": aliases, "size": report,
+                "sha256": checksums}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return report
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checksums(directory: Path, manifest: dict) -> None:
+    """Raise ValueError naming the file whose SHA-256 differs from the manifest's (checkpoints
+    written before checksums existed carry none and are not checked)."""
+    for name, want in manifest.get("sha256", {}).items():
+        got = file_sha256(directory / name)
+        if got != want:
+            raise ValueError(f"{directory / name}: SHA-256 {got[:16]}... differs from the "
+                             f"manifest's {want[:16]}...: the file is corrupt or was changed "
+                             "after packing; copy or write the packed checkpoint again")
+
+
+def _check_shape(directory: Path, name: str, meta: dict, module: nn.Module) -> None:
+    """The manifest's (rows, cols) of a linear must be the model config's."""
+    want = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+    if (meta.get("rows"), meta.get("cols")) != want:
+        raise ValueError(f"{directory / MANIFEST}: linear {name} is {meta.get('rows')}x"
+                         f"{meta.get('cols')} in the manifest but {want[0]}x{want[1]} in "
+                         f"{directory / 'config.json'}: the manifest does not belong to this "
+                         "model config; write the packed checkpoint again")
 
 
 def _quant_dict(quant) -> Optional[dict]:
@@ -137,11 +171,12 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def load_packed(directory: Union[str, Path], device: Union[str, torch.device] = "cpu",
-                dtype: Optional[torch.dtype] = None):
+                dtype: Optional[torch.dtype] = None, verify: bool = True):
     """Load a packed checkpoint as a transformers causal LM whose quantized linears are
     :class:`PackedLinear` modules on ``device``; other weights in ``dtype`` (default: as saved).
 
     The model skeleton is built on the meta device, so no full-precision linear is ever allocated.
+    ``verify``: check the files' SHA-256 against the manifest first, and every linear's shape.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -149,6 +184,8 @@ def load_packed(directory: Union[str, Path], device: Union[str, torch.device] = 
 
     directory = Path(directory)
     manifest = read_manifest(directory)
+    if verify:
+        verify_checksums(directory, manifest)
     device = torch.device(device)
     rest = load_file(str(directory / REST), device=str(device))
     config = AutoConfig.from_pretrained(directory)
@@ -156,9 +193,16 @@ def load_packed(directory: Union[str, Path], device: Union[str, torch.device] = 
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or _float_dtype(rest))
     with safe_open(str(directory / LINEARS), framework="pt") as f:
         for name, meta in manifest["linears"].items():
+            _check_shape(directory, name, meta, model.get_submodule(name))
             packed = {k: f.get_tensor(f"{name}.{k}") for k in TENSOR_KEYS}
             bias = rest.get(f"{name}.bias") if meta.get("bias") else None
-            _set_module(model, name, PackedLinear(packed, meta, bias, device=device))
+            try:
+                linear = PackedLinear(packed, meta, bias, device=device)
+            except (RuntimeError, ValueError, KeyError) as err:
+                raise ValueError(f"{directory}: linear {name} does not match its manifest entry "
+                                 f"({type(err).__name__}: {err}); write the packed checkpoint "
+                                 "again") from err
+            _set_module(model, name, linear)
     state_keys = set(model.state_dict())
     buffers = {k: v for k, v in rest.items() if k not in state_keys}
     state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v

@@ -88,6 +88,36 @@ def quantize_block(w: torch.Tensor, d: torch.Tensor, cfg: QuantConfig):
     return q, sal, codes
 
 
+# blocks whose max |w| lies outside [2^-UNIT_RANGE, 2^UNIT_RANGE] are quantized divided by a power
+# of two (exact in floating point), so squares and sums stay finite up to the fp32 range
+UNIT_RANGE = 20
+
+
+def _quantize_block_unit_scale(w: torch.Tensor, d: torch.Tensor, cfg: QuantConfig):
+    """:func:`quantize_block` of ``w / s`` times ``s``, with ``s = 2^floor(log2 max|w|)`` for
+    blocks of extreme magnitude and 1 otherwise (no host sync). The methods are scale-equivariant,
+    so this changes nothing but overflow (|w| > ~1e19 gave all-NaN) and underflow."""
+    amax = w.abs().amax()
+    exp = torch.floor(torch.log2(amax))
+    extreme = torch.isfinite(exp) & (exp.abs() > UNIT_RANGE)
+    s = torch.where(extreme, torch.exp2(exp), torch.ones_like(exp))
+    q, sal, codes = quantize_block(w / s, d, cfg)
+    return q * s, sal, _rescale_codes(codes, s)
+
+
+def _rescale_codes(codes, s: torch.Tensor):
+    """``codes`` with the value-carrying fields (``q``, ``mean``, ``scale``) of every
+    NamedTuple in it multiplied by ``s``."""
+    if isinstance(codes, tuple) and hasattr(codes, "_fields"):
+        return codes._replace(**{f: getattr(codes, f) * s for f in ("q", "mean", "scale")
+                                 if f in codes._fields})
+    if isinstance(codes, dict):
+        return {k: _rescale_codes(v, s) for k, v in codes.items()}
+    if isinstance(codes, (tuple, list)):
+        return type(codes)(_rescale_codes(v, s) for v in codes)
+    return codes
+
+
 @torch.no_grad()
 def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig,
                     return_codes: bool = False, progress: bool = False) -> QuantResult:
@@ -110,7 +140,7 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfi
     for s in tqdm(starts, desc="blocks", leave=False, disable=not progress):
         e = min(s + cfg.blocksize, cols)
         d = U.diagonal()[s:e]
-        q, sal, block_codes = quantize_block(W[:, s:e], d, cfg)
+        q, sal, block_codes = _quantize_block_unit_scale(W[:, s:e], d, cfg)
         err = (W[:, s:e] - q) / d
         row_loss += err.square().sum(1) / 2
         W[:, s:e] = q

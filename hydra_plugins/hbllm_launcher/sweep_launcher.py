@@ -5,8 +5,10 @@ order and raises at the first job that died on the cluster (out of memory, time 
 failure) while later jobs are still running. These subclasses differ in two ways:
 
 * before submitting, each run's directory (``hydra.sweep.dir/hydra.sweep.subdir``) is checked:
-  a ``results.json`` with ``"status": "done"`` means the run is finished and it is not
-  submitted again (unless the run sets ``resume=false``), so rerunning a sweep resumes it;
+  a ``results.json`` holding everything the run's config asks for (:func:`hbllm.results.finished`,
+  the rule the app itself uses: the quantized model and every evaluation, by their keys) means
+  the run is finished and it is not submitted again (unless the run sets ``resume=false``), so
+  rerunning a sweep resumes it;
 * every job is waited for; a job lost on the cluster becomes a FAILED ``JobReturn`` instead of an
   exception, and a summary lists the failed runs with their log files. Hydra's sweeper then
   exits non-zero once all runs are over, so CI and shells still see the failure.
@@ -15,10 +17,9 @@ Selected by ``hydra/launcher=slurm`` (and the ``slurm_*`` presets) or ``hydra/la
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
@@ -34,11 +35,13 @@ log = logging.getLogger(__name__)
 _INIT_KEYS = {"max_num_timeout"}
 
 
-def run_finished(run_dir: Path) -> bool:
-    """True when ``run_dir/results.json`` exists and says ``"status": "done"``."""
-    path = Path(run_dir) / "results.json"
+def run_finished(run_dir: Path, resolved: Dict[str, Any]) -> bool:
+    """True when ``run_dir/results.json`` holds everything the run's resolved config asks for
+    (:func:`hbllm.results.finished`); False when absent or unreadable."""
+    from hbllm.results import finished, read_json
+
     try:
-        return json.loads(path.read_text()).get("status") == "done"
+        return finished(read_json(Path(run_dir) / "results.json"), resolved)
     except (OSError, ValueError):
         return False
 
@@ -59,7 +62,10 @@ class _SweepMixin(BaseSubmititLauncher):
         cfg = self._job_config(overrides, idx)
         HydraConfig.instance().set_config(cfg)  # the run dir may use ${hydra:...}
         run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
-        if OmegaConf.select(cfg, "resume", default=True) is False or not run_finished(run_dir):
+        resolved = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
+                    else cfg[k] for k in cfg if k != "hydra"}
+        if OmegaConf.select(cfg, "resume", default=True) is False or \
+                not run_finished(run_dir, resolved):
             return None
         log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))} -- finished in {run_dir}, "
                  "skipped")
