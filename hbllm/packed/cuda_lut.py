@@ -42,7 +42,11 @@ MAX_TOKENS = 4
 # on an H100 with the row-major layout (experiments/benchmarks/RESULTS.md); TUNED: per
 # (rows, cols, tokens a launch), as ``--tune`` prints it for the tiled layout.
 CONFIG = {"warps": 4, "cb": 2}
-TUNED: Dict[tuple, dict] = {}
+TUNED: Dict[tuple, dict] = {  # H200, 2026-11-29 (experiments/benchmarks/raw/kernel_tiled_2026-11-29.json)
+    (4096, 4096, 1): {"warps": 8, "cb": 2}, (4096, 4096, 4): {"warps": 8, "cb": 2},
+    (11008, 4096, 1): {"warps": 4, "cb": 2}, (11008, 4096, 4): {"warps": 8, "cb": 1},
+    (4096, 11008, 1): {"warps": 4, "cb": 2}, (4096, 11008, 4): {"warps": 8, "cb": 1},
+}
 
 SOURCE = r"""
 #define WPB (BS / 32)                 // words per quantization block

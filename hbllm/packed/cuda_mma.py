@@ -34,7 +34,11 @@ MAX_TOKENS = 16  # two n-tiles of the MMA (8 tokens each) share each loaded word
 # Warps per block: CONFIG, the fallback (best of scripts/bench_kernel.py --tune summed over the 7B
 # shapes on an H100, row-major layout); TUNED per (rows, cols, tokens), as ``--tune`` prints it.
 CONFIG = {"ksplit": 16}
-TUNED: Dict[tuple, dict] = {}
+TUNED: Dict[tuple, dict] = {  # H200, 2026-11-29 (experiments/benchmarks/raw/kernel_tiled_2026-11-29.json)
+    (4096, 4096, 8): {"ksplit": 16}, (4096, 4096, 16): {"ksplit": 8},
+    (11008, 4096, 8): {"ksplit": 16}, (11008, 4096, 16): {"ksplit": 16},
+    (4096, 11008, 8): {"ksplit": 8}, (4096, 11008, 16): {"ksplit": 4},
+}
 
 SOURCE = r"""
 #if DT == 0

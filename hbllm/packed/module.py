@@ -30,7 +30,12 @@ KERNELS = ("lut", "mma", "triton")
 # Measured choice per layer shape: (rows, cols) -> ((most tokens, kernel), ...) in increasing
 # token order, as ``scripts/bench_kernel.py`` prints it; token counts past the last entry, and
 # shapes not listed, follow the fallback rule above.
-KERNEL_TABLE: Dict[tuple, tuple] = {}
+# Measured on an H200 (tiled layout, 2026-11-29: experiments/benchmarks/raw/kernel_tiled_2026-11-29.json).
+KERNEL_TABLE: Dict[tuple, tuple] = {
+    (4096, 4096): ((4, "lut"), (16, "mma")),
+    (11008, 4096): ((4, "lut"), (16, "mma")),
+    (4096, 11008): ((16, "lut"),),
+}
 
 
 def kernel_for(rows: int, cols: int, tokens: int) -> str:
