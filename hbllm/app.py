@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ModelConfig, QuantConfig, RunConfig, validate
+from .config import ModelConfig, QuantConfig, RunConfig, schema, validate
 from .results import Results, config_key
 
 log = logging.getLogger("hbllm")
@@ -45,7 +45,7 @@ def _if_local(local_dir, without: List[str], with_local: List[str]) -> List[str]
 
 def register() -> None:
     """Put the schema in Hydra's ConfigStore and register the resolvers (idempotent)."""
-    ConfigStore.instance().store(name="hbllm_schema", node=RunConfig)
+    ConfigStore.instance().store(name="hbllm_schema", node=schema())
     OmegaConf.register_new_resolver("hbllm_run_dir", _run_dir_resolver, replace=True)
     OmegaConf.register_new_resolver("hbllm_if_local", _if_local, replace=True)
 
@@ -204,7 +204,7 @@ def _stages(rc: RunConfig, resolved: Dict[str, Any], key: str, results: Results,
                    and (not rc.save_packed or "packed" in results.data))
     timing = results.get("timing", {})
     calib = None
-    if rc.quant.method != "none" and not reuse_model:
+    if rc.quant.spec.quantizes and not reuse_model:
         t0 = time.perf_counter()
         calib = get_calibration(rc.calib, rc.data, tokenizer, rc.calib.seqlen or rc.model.seqlen,
                                 rc.seed)

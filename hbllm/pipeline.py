@@ -166,12 +166,12 @@ def quantize_model(model: nn.Module, tokens: torch.Tensor, quant: QuantConfig,
     ``only``: indices of the layers to quantize (default all; quick experiments and tests).
     ``on_linear(name, res)`` is called after each linear with its full module name in ``model``
     and its :class:`hbllm.QuantResult` (``res.codes`` filled when ``return_codes``).
-    With ``quant.method == "none"`` nothing is touched."""
+    With a method that does not quantize (``none``) nothing is touched."""
     from . import quantize_weight
 
     start = time.perf_counter()
     stats = QuantizeStats()
-    if quant.method == "none":
+    if not quant.spec.quantizes:
         bits = float(next(find_layers(model)[1].parameters()).element_size() * 8)
         stats.bits = {"paper": bits, "full": bits}
         return stats
