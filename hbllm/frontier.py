@@ -1,6 +1,6 @@
 """The accuracy-vs-bits frontier over every run given to ``hbllm-report`` (all sweeps together):
 perplexity against full bits and against paper bits, one line per method family
-(``quant.method``), the Pareto front marked; ``frontier.csv`` lists every point with its family
+(``quant.method``, through the family's own best runs), the overall Pareto front marked; ``frontier.csv`` lists every point with its family
 and whether it is on the front; ``report.md`` gets, per model and dataset, the front's points in
 order of full bits (which method is best at each stored-bits budget)."""
 from __future__ import annotations
@@ -41,29 +41,36 @@ def frontier_table(df: pd.DataFrame, full_precision_bits: float) -> pd.DataFrame
 
 
 def plot_frontier(q: pd.DataFrame, refs: pd.DataFrame, ds: str, path: Path) -> None:
-    """Perplexity (log) against full bits and paper bits, one line per family, front circled."""
+    """Perplexity (log) against full bits and paper bits: every run a marker, one line per family
+    through its own best runs (its Pareto front), the overall front circled. Runs above 100x the
+    full-precision perplexity are drawn as triangles at the top edge."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    pts = q[q[ds].notna()]
+    ref = refs[ds].dropna()
+    top = 100 * float(ref.min()) if len(ref) else float("inf")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for ax, (bits, title) in zip(axes, BITS.items()):
-        g_all = q[q[ds].notna()]
-        for fam, g in g_all.groupby("family", sort=True):
-            g = g.sort_values(bits)
-            line, = ax.plot(g[bits], g[ds], marker="o", label=fam)
-            for _, row in g.iterrows():
-                ax.annotate(str(row["method"]), (row[bits], row[ds]), fontsize=6,
-                            textcoords="offset points", xytext=(3, 3), color=line.get_color())
-        front = g_all[g_all[f"front_{bits[5:]}_{ds[4:]}"]].sort_values(bits)
-        ax.step(front[bits], front[ds], where="post", color="black", linewidth=0.8, alpha=0.6)
-        ax.scatter(front[bits], front[ds], s=120, facecolors="none", edgecolors="black",
+        for fam, g in pts.groupby("family", sort=True):
+            y = g[ds].clip(upper=top)
+            off = g[ds] > top
+            best = g[pareto(list(g[bits]), list(g[ds]))].sort_values(bits)
+            line, = ax.plot(best[bits], best[ds].clip(upper=top), label=fam)
+            ax.scatter(g[bits][~off], y[~off], color=line.get_color(), s=18)
+            ax.scatter(g[bits][off], y[off], color=line.get_color(), marker="^", s=30)
+            for (_, row), yy in zip(g.iterrows(), y):
+                ax.annotate(str(row["method"]), (row[bits], yy), fontsize=6, textcoords="offset points",
+                            xytext=(3, 3), color=line.get_color())
+        front = pts[pts[f"front_{bits[5:]}_{ds[4:]}"]]
+        ax.scatter(front[bits], front[ds].clip(upper=top), s=120, facecolors="none", edgecolors="black",
                    label="Pareto front")
-        for value in refs[ds].dropna():
+        for value in ref:
             ax.axhline(value, color="gray", linestyle="--", label="full precision")
         ax.set_yscale("log")
         ax.set_xlabel(title)
-        ax.set_ylabel(f"perplexity ({ds[4:]})")
+        ax.set_ylabel(f"perplexity ({ds[4:]})" + (f"; triangles: > {top:.3g}" if (pts[ds] > top).any() else ""))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
