@@ -56,5 +56,7 @@ for sweep in gemma3_study gemma3_zeroshot ablation_salient ablation_grouping gem
     mkdir -p "$d" && cp "$f" "$d/" && cp "$run/.hydra/config.yaml" "$d/" 2>/dev/null
   done
 done
-# 6. The frontier over every kept run (perplexity vs full and paper bits, Pareto front).
-hbllm-report experiments/gemma3-270m/runs -o experiments/gemma3-270m/frontier
+# 6. The frontier over the main comparison and the other baselines (perplexity vs full and paper
+#    bits, Pareto front; the ablations are left out: their runs share the hbllm_row label).
+hbllm-report experiments/gemma3-270m/runs/gemma3_study experiments/gemma3-270m/runs/gemma3_methods \
+  -o experiments/gemma3-270m/frontier
