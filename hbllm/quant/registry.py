@@ -4,9 +4,8 @@ A :class:`Method` declares its quantizer (a block quantizer run by the shared GP
 its own column loop), its bit accounting in both conventions, its method-specific
 :class:`~hbllm.config.QuantConfig` fields with their defaults and checks, its display name, and
 whether packed checkpoints support it. Config, pipeline, app and the packed format ask the
-registry; none of them compares method names. Adding a method: one module that calls
-:func:`register`, one import line in ``hbllm/quant/methods.py``, one ``conf/quant/*.yaml``
-(docs/quantizers.md).
+registry; none of them compares method names. Adding a method: its module, its
+:func:`register` line in ``hbllm/quant/methods.py``, one ``conf/quant/*.yaml`` (docs/quantizers.md).
 """
 from __future__ import annotations
 
