@@ -26,7 +26,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import QuantConfig, RunConfig, validate
+from .config import QuantConfig, RunConfig, schema, validate
 from .results import Results, RunLock, eval_keys, finished, missing_evals, model_key
 
 log = logging.getLogger("hbllm")
@@ -78,7 +78,7 @@ def _if_local(local_dir, without: List[str], with_local: List[str]) -> List[str]
 
 def register() -> None:
     """Put the schema in Hydra's ConfigStore and register the resolvers (idempotent)."""
-    ConfigStore.instance().store(name="hbllm_schema", node=RunConfig)
+    ConfigStore.instance().store(name="hbllm_schema", node=schema())
     OmegaConf.register_new_resolver("hbllm_run_dir", _run_dir_resolver, replace=True)
     OmegaConf.register_new_resolver("hbllm_if_local", _if_local, replace=True)
 
@@ -310,7 +310,7 @@ def _stages(rc: RunConfig, resolved: Dict[str, Any], key: str, results: Results,
         results.update(quantized=False)
     saved = run_dir / "model"
     # the stored layers are the quantized model: all of them must be there to skip calibration
-    quantized = (bool(results.get("quantized")) and rc.quant.method != "none"
+    quantized = (bool(results.get("quantized")) and rc.quant.spec.quantizes
                  and store.count() >= len(results.get("layers", [])) > 0)
     need_model = (any(not e.startswith("baseline_") for e in todo)
                   or (rc.save_packed and "packed" not in results.data)
@@ -324,7 +324,7 @@ def _stages(rc: RunConfig, resolved: Dict[str, Any], key: str, results: Results,
     eval_tokens = {d: get_eval_tokens(d, rc.data, tokenizer, seqlen=seqlen, max_tokens=max_tokens)
                    for d in rc.eval.datasets if d in datasets}
     calib = None
-    if rc.quant.method != "none" and need_model and not quantized:
+    if rc.quant.spec.quantizes and need_model and not quantized:
         t0 = time.perf_counter()
         calib = get_calibration(rc.calib, rc.data, tokenizer, rc.calib.seqlen or rc.model.seqlen,
                                 rc.seed)

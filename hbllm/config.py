@@ -10,11 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-METHODS = ("hbllm", "billm", "sign", "none")
-LAYOUTS = ("row", "col")
-PARTITIONS = ("row", "global")
-SALIENT_METRICS = ("l2", "l1", "magnitude")
-HAAR_INVERSES = ("exact", "authors")
 DTYPES = ("float16", "bfloat16", "float32")
 CALIB_SETS = ("c4", "wikitext2", "ptb", "wiki_sample", "text_files")
 EVAL_SETS = ("c4", "wikitext2", "ptb", "wiki_sample", "text_files")
@@ -39,18 +34,21 @@ def _positive(name: str, value, allow_none: bool = False) -> None:
 
 @dataclass
 class QuantConfig:
-    """How one linear layer is quantized (METHOD.md). Also the Hydra ``quant`` group.
+    """How one linear layer is quantized (docs/quantizers.md). Also the Hydra ``quant`` group.
 
-    method: hbllm | billm | sign | none.  layout: row | col (HBLLM only).
-    partition: row | global split search.  shared_mean: one mean per row for both groups.
-    salient_metric: l2 | l1 | magnitude; empty (None) = the method's own (hbllm l2, billm l1).
-    up_lim: salient candidates per block (k < up_lim).
-    blocksize: GPTQ block width in columns.  percdamp: damping as a fraction of mean(diag H).
-    haar_inverse: exact (1/sqrt2) | authors (0.70703125).  disable_gptq: no compensation.
-    skip: glob patterns on weight names inside a decoder layer (``mlp.gate``,
-    ``*.experts.*``) left in full precision on purpose.  quantize_routers: quantize MoE router
-    weights too (default: full precision).  expert_min_tokens: an MoE expert routed fewer
-    calibration tokens gets the mean Hessian of its layer's experts (docs/moe.md).
+    method: a registered method (hbllm | billm | sign | rtn | gptq | pbllm | none; see
+    :mod:`hbllm.quant.registry`). Shared: blocksize (GPTQ block width in columns), percdamp
+    (damping as a fraction of mean(diag H)), disable_gptq (no compensation, block methods).
+    HBLLM/BiLLM: layout row | col (HBLLM), partition row | global, shared_mean, up_lim (salient
+    candidates per block, k < up_lim), haar_inverse exact | authors.
+    Method-specific fields, empty (None) = the method's default, an error for other methods:
+    salient_metric (hbllm l2, billm l1: l2 | l1 | magnitude; pbllm hessian | magnitude);
+    wbits, groupsize (-1 = one grid per row) for rtn and gptq; sym, act_order, static_groups
+    for gptq; low_frac (binarized fraction), high_bit, groupsize for pbllm.
+    MoE (every method): skip: glob patterns on weight names inside a decoder layer
+    (``mlp.gate``, ``*.experts.*``) left in full precision on purpose; quantize_routers:
+    quantize MoE router weights too (default: full precision); expert_min_tokens: an MoE expert
+    routed fewer calibration tokens gets the mean Hessian of its layer's experts (docs/moe.md).
     """
 
     method: str = "hbllm"
@@ -63,42 +61,54 @@ class QuantConfig:
     percdamp: float = 0.01
     haar_inverse: str = "exact"
     disable_gptq: bool = False
+    wbits: Optional[int] = None
+    groupsize: Optional[int] = None
+    sym: Optional[bool] = None
+    act_order: Optional[bool] = None
+    static_groups: Optional[bool] = None
+    low_frac: Optional[float] = None
+    high_bit: Optional[int] = None
     skip: List[str] = field(default_factory=list)
     quantize_routers: bool = False
     expert_min_tokens: int = 16
     name: str = ""  # display name for run names and reports; empty: see :attr:`label`
 
     def __post_init__(self) -> None:
-        _choice("quant.method", self.method, METHODS)
-        _choice("quant.layout", self.layout, LAYOUTS)
-        _choice("quant.partition", self.partition, PARTITIONS)
-        if self.salient_metric is None:
-            self.salient_metric = "l1" if self.method == "billm" else "l2"
-        _choice("quant.salient_metric", self.salient_metric, SALIENT_METRICS)
-        _choice("quant.haar_inverse", self.haar_inverse, HAAR_INVERSES)
-        if not isinstance(self.blocksize, int) or self.blocksize < 2 or self.blocksize % 2:
-            raise ValueError(f"quant.blocksize={self.blocksize!r} must be an even integer >= 2 "
-                             "(Haar pairs adjacent columns inside a block)")
-        if not isinstance(self.up_lim, int) or self.up_lim < 2:
-            raise ValueError(f"quant.up_lim={self.up_lim!r} must be an integer >= 2")
+        from .quant.registry import get_method, method_fields
+
+        spec = get_method(self.method)
+        for name in method_fields():
+            value = getattr(self, name)
+            if name in spec.fields:
+                if value is None:
+                    setattr(self, name, spec.fields[name])
+            elif value is not None:
+                raise ValueError(f"quant.{name}={value!r} does not apply to quant.method={self.method} "
+                                 f"(its own fields: {sorted(spec.fields) or 'none'}); leave it empty")
+        if not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise ValueError(f"quant.blocksize={self.blocksize!r} must be a positive integer")
         if not 0.0 <= float(self.percdamp) < 1.0:
             raise ValueError(f"quant.percdamp={self.percdamp!r} must be in [0, 1)")
         if not isinstance(self.expert_min_tokens, int) or self.expert_min_tokens < 0:
             raise ValueError(f"quant.expert_min_tokens={self.expert_min_tokens!r} must be an "
                              "integer >= 0")
+        spec.check(self)
+
+    @property
+    def spec(self):
+        """The method's registry entry (:class:`hbllm.quant.registry.Method`)."""
+        from .quant.registry import get_method
+
+        return get_method(self.method)
 
     @property
     def label(self) -> str:
         """The display name: ``name`` when given, else derived from the method (fp16, sign,
-        billm, hbllm_row, hbllm_col_shared ...)."""
+        billm, hbllm_row, hbllm_col_shared, rtn_w3, gptq_w3g128, pbllm_lf90 ...)."""
         return self.name or self.default_name()
 
     def default_name(self) -> str:
-        if self.method == "none":
-            return "fp16"
-        if self.method != "hbllm":
-            return self.method
-        return f"hbllm_{self.layout}" + ("_shared" if self.shared_mean else "")
+        return self.spec.label(self)
 
 
 @dataclass
@@ -241,20 +251,33 @@ class RunConfig:
             check_packable(self.quant)
 
 
-PACKABLE_METHODS = ("hbllm",)
 PACKED_BLOCK_MULTIPLE = 64
 
 
 def check_packable(quant: QuantConfig) -> None:
     """Raise ValueError when ``save_packed=true`` cannot work with ``quant`` (docs/packed.md:
     HBLLM codes only, blocksize a multiple of 64)."""
-    if quant.method not in PACKABLE_METHODS:
+    if not quant.spec.packable:
         raise ValueError(f"save_packed=true needs quant.method=hbllm (the packed format stores "
                          f"Haar-binarized codes); quant.method={quant.method!r} cannot be packed: "
                          "use save_model=true for a fake-quantized checkpoint")
     if quant.blocksize % PACKED_BLOCK_MULTIPLE:
         raise ValueError(f"save_packed=true needs quant.blocksize a multiple of "
                          f"{PACKED_BLOCK_MULTIPLE}; got {quant.blocksize}")
+
+
+def schema():
+    """The Hydra schema node of :class:`RunConfig` (a structured DictConfig) with the quant
+    group's method-specific fields left empty, so each method's own defaults apply once a
+    ``conf/quant`` preset has chosen the method."""
+    from omegaconf import OmegaConf
+
+    from .quant.registry import method_fields
+
+    node = OmegaConf.structured(RunConfig)
+    for name in method_fields():
+        node.quant[name] = None
+    return node
 
 
 def validate(cfg) -> RunConfig:

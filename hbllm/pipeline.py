@@ -242,12 +242,12 @@ def quantize_model(model: nn.Module, tokens: Optional[torch.Tensor], quant: Quan
     ``store``: each finished layer is saved there, and the layers already there are applied
     instead of quantized (``tokens`` may be None when every layer is stored).
     ``pack(res) -> (tensors, manifest entry)``: compress each linear's codes (kept in the store
-    and in ``stats.packed``). With ``quant.method == "none"`` nothing is touched."""
+    and in ``stats.packed``). With a method that does not quantize (``none``) nothing is touched."""
     from . import quantize_weight
 
     start = time.perf_counter()
     stats = QuantizeStats()
-    if quant.method == "none":
+    if not quant.spec.quantizes:
         bits = float(next(find_layers(model)[1].parameters()).element_size() * 8)
         stats.bits = {"paper": bits, "full": bits}
         return stats

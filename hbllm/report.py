@@ -11,7 +11,10 @@ differing config values). Written to ``--out`` (default: the first DIR):
   perplexity per dataset, zero-shot average when measured), failed or unfinished runs listed;
 * ``report.csv``: one row per run, full precision, the numbers of its results.json;
 * ``<sweep>_ppl_vs_bits.png`` (perplexity vs paper bits per weight, one marker per method) and
-  ``<sweep>_layer_loss.png`` (quantization loss per layer, one curve per run).
+  ``<sweep>_layer_loss.png`` (quantization loss per layer, one curve per run);
+* over all runs, the accuracy-vs-bits frontier (:mod:`hbllm.frontier`): ``frontier.csv`` and
+  ``frontier_<model>_<dataset>.png`` (perplexity vs full and paper bits, one line per method
+  family, Pareto front marked).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import pandas as pd
 
 from hbllm.reference import report_columns
 
+from .frontier import family, frontier_section
 from .results import experiment_id
 
 RESULTS = "results.json"
@@ -145,7 +149,8 @@ def run_row(run: Run) -> Dict[str, object]:
     """One flat CSV row: identification, overrides, then the numbers of results.json as-is."""
     r = run.results
     row: Dict[str, object] = {"sweep": run.sweep, "run_dir": str(run.path), "status": run.status,
-                              "model": r.get("model"), "method": r.get("method")}
+                              "model": r.get("model"), "method": r.get("method"),
+                              "family": family(r)}
     row.update(run.overrides)
     bits = r.get("bits") or {}
     row["bits_paper"], row["bits_full"] = bits.get("paper"), bits.get("full")
@@ -336,6 +341,9 @@ def build_report(dirs: Sequence[Path], out: Path, wandb_dirs: Sequence[Path] = (
             md += [f"- `{r.path}`: {r.status}"
                    + (f" ({r.results['error']})" if r.results.get("error") else "") for r in rest]
             md += [""]
+    done = [r for r in runs if r.status == "done"]
+    if done:
+        md += frontier_section(pd.DataFrame([run_row(r) for r in done]), out, FULL_PRECISION_BITS)
     (out / "report.md").write_text("\n".join(md))
     return table
 

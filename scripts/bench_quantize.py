@@ -4,14 +4,26 @@ Weights: heavy-tailed (Student-t, 3 dof) with a few large input columns. Hessian
 from correlated activations (low-rank mixing plus noise) with a few outlier channels.
 Prints seconds per linear and peak GPU memory; ``--out`` writes the table as JSON.
 
+``--authors-dir DIR`` also times the authors' code on the same inputs in the same process, for
+the methods that have it: ``DIR/gptq/{gptq,quant}.py`` (IST-DASLab/gptq: GPTQ and its RTN
+baseline) and ``DIR/pbllm/{gptq,high_quant,low_quant}.py`` (hahnyuan/PB-LLM ``gptq_pb/``),
+copied from those repositories (never committed here); the output error ``||(W-Q)L||/||WL||``
+(L: Cholesky factor of H) of both is printed beside the times.
+
     python scripts/bench_quantize.py --device cuda --out bench.json
+    python scripts/bench_quantize.py --device cuda --methods rtn gptq_w3g128 pbllm --authors-dir authors/
     python scripts/bench_quantize.py --device cpu --scale 0.125 --linears q_proj   # quick CPU run
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import io
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,7 +38,83 @@ METHODS = {
     "hbllm_row": dict(method="hbllm", layout="row"),
     "hbllm_col": dict(method="hbllm", layout="col"),
     "billm": dict(method="billm"),
+    "sign": dict(method="sign"),
+    "rtn": dict(method="rtn", wbits=3),
+    "rtn_w3g128": dict(method="rtn", wbits=3, groupsize=128),
+    "gptq_w3g128": dict(method="gptq", wbits=3, groupsize=128),
+    "gptq_w3g128_act": dict(method="gptq", wbits=3, groupsize=128, act_order=True),
+    "pbllm": dict(method="pbllm"),
 }
+
+
+def _load(name: str, path: Path):
+    """Import the file ``path`` as module ``name`` with its folder on sys.path."""
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(path.parent))
+    return mod
+
+
+class AuthorsCode:
+    """The authors' quantizers loaded from ``--authors-dir``, run on a weight and Hessian."""
+
+    def __init__(self, root: Path):
+        if not torch.cuda.is_available():  # their loops call torch.cuda.synchronize()
+            torch.cuda.synchronize = lambda *a, **k: None
+        self.quant = _load("authors_gptq_quant", root / "gptq" / "quant.py")
+        sys.modules["quant"] = self.quant  # gptq.py does `from quant import *`
+        self.gptq = _load("authors_gptq", root / "gptq" / "gptq.py")
+        self.pb = _load("authors_pbllm_gptq", root / "pbllm" / "gptq.py")
+        self.pb.OUTPUTMASK = 0  # else it saves every mask under ./outputs
+        self.pb_high = _load("authors_pbllm_high", root / "pbllm" / "high_quant.py")
+        self.pb_low = _load("authors_pbllm_low", root / "pbllm" / "low_quant.py")
+
+    @staticmethod
+    def _linear(w: torch.Tensor) -> torch.nn.Linear:
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device)
+        lin.weight.data = w.clone()
+        return lin
+
+    def run(self, cfg: QuantConfig, w: torch.Tensor, h: torch.Tensor):
+        """The dequantized weight from the authors' code for ``cfg``; None without one."""
+        with contextlib.redirect_stdout(io.StringIO()):
+            if cfg.method == "rtn":
+                q = self.quant.Quantizer()
+                q.configure(cfg.wbits, perchannel=True, sym=False, mse=False)
+                if cfg.groupsize == -1:
+                    q.find_params(w, weight=True)
+                    return self.quant.quantize(w, q.scale, q.zero, q.maxq)
+                out = torch.empty_like(w)
+                for s in range(0, w.shape[1], cfg.groupsize):  # their RTN is per row; groups here
+                    q.find_params(w[:, s:s + cfg.groupsize], weight=True)
+                    out[:, s:s + cfg.groupsize] = self.quant.quantize(w[:, s:s + cfg.groupsize], q.scale, q.zero, q.maxq)
+                return out
+            lin = self._linear(w)
+            if cfg.method == "gptq":
+                g = self.gptq.GPTQ(lin)
+                g.H = h.clone()
+                g.quantizer = self.quant.Quantizer()
+                g.quantizer.configure(cfg.wbits, perchannel=True, sym=cfg.sym, mse=False)
+                g.fasterquant(blocksize=cfg.blocksize, percdamp=cfg.percdamp, groupsize=cfg.groupsize,
+                              actorder=cfg.act_order, static_groups=cfg.static_groups)
+                return lin.weight.data
+            if cfg.method == "pbllm":
+                low = self.pb_low.LowQuantizer(lin.weight, method="xnor", groupsize=cfg.groupsize)
+                high = self.pb_high.HighQuantizer(cfg.high_bit, True, False, False)
+                g = self.pb.LowHighGPT(lin, low, high, salient_metric=cfg.salient_metric)
+                g.H = h.clone()
+                g.fasterquant(cfg.low_frac, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+                return lin.weight.data
+        return None
+
+
+def output_error(w: torch.Tensor, q: torch.Tensor, chol: torch.Tensor) -> float:
+    """``||(W - Q) L|| / ||W L||`` with ``L`` the Cholesky factor of H."""
+    return float(((w - q.to(w.dtype)) @ chol).norm() / (w @ chol).norm())
 
 
 def synthetic_inputs(rows: int, cols: int, tokens: int, device, seed: int = 0):
@@ -59,6 +147,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096, help="calibration tokens for the Hessian")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--authors-dir", type=Path, default=None,
+                   help="time the authors' code from this folder too (see the module docstring)")
     p.add_argument("--check-cpu", action="store_true",
                    help="first compare --device against CPU on a 512x1024 input, every method")
     args = p.parse_args()
@@ -84,11 +174,14 @@ def main() -> None:
         inputs[name] = synthetic_inputs(rows, cols, args.tokens, device, seed=len(inputs))
     w, h = synthetic_inputs(256, 256, 512, device)  # warm-up (CUDA context, kernels)
     quantize_weight(w, h, QuantConfig(**METHODS["hbllm_row"]))
+    authors = AuthorsCode(args.authors_dir) if args.authors_dir else None
+    chol = {name: torch.linalg.cholesky(h + 0.01 * h.diagonal().mean() * torch.eye(h.shape[0], device=device))
+            for name, (w, h) in inputs.items()} if authors else {}
     print(f"{'method':<10} {'linear':<10} {'shape':>12} {'seconds':>8} {'peak GiB':>9} {'loss':>12} "
-          f"{'bits':>5} {'full':>5}")
+          f"{'bits':>5} {'full':>5}" + ("  authors s  ratio  out.err ours / authors" if authors else ""))
     for method in args.methods:
         cfg = QuantConfig(**METHODS[method])
-        total = 0.0
+        total = total_authors = 0.0
         for name, (w, h) in inputs.items():
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
@@ -102,11 +195,26 @@ def main() -> None:
             row = {"method": method, "linear": name, "shape": list(w.shape), "seconds": seconds,
                    "peak_gib": peak, "loss": res.loss, "bits_paper": res.bits["paper"],
                    "bits_full": res.bits["full"]}
+            extra = ""
+            if authors:
+                sync(device)
+                tick = time.perf_counter()
+                theirs = authors.run(cfg, w, h)
+                sync(device)
+                if theirs is not None:
+                    row["authors_seconds"] = time.perf_counter() - tick
+                    total_authors += row["authors_seconds"]
+                    row["out_err"] = output_error(w, res.weight, chol[name])
+                    row["authors_out_err"] = output_error(w, theirs, chol[name])
+                    extra = (f"  {row['authors_seconds']:9.2f} {seconds / row['authors_seconds']:6.3f}  "
+                             f"{row['out_err']:.5f} / {row['authors_out_err']:.5f}")
             info["results"].append(row)
             print(f"{method:<10} {name:<10} {'x'.join(map(str, w.shape)):>12} {seconds:8.2f} {peak:9.2f} "
-                  f"{res.loss:12.4g} {res.bits['paper']:5.3f} {res.bits['full']:5.3f}", flush=True)
-        info["results"].append({"method": method, "linear": "TOTAL", "seconds": total})
-        print(f"{method:<10} {'TOTAL':<10} {'':>12} {total:8.2f}", flush=True)
+                  f"{res.loss:12.4g} {res.bits['paper']:5.3f} {res.bits['full']:5.3f}{extra}", flush=True)
+        info["results"].append({"method": method, "linear": "TOTAL", "seconds": total,
+                                **({"authors_seconds": total_authors} if total_authors else {})})
+        ratio = f"  {total_authors:9.2f} {total / total_authors:6.3f}" if total_authors else ""
+        print(f"{method:<10} {'TOTAL':<10} {'':>12} {total:8.2f}{ratio}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(info, f, indent=1)

@@ -2,6 +2,7 @@
 evaluated by hand for every method, the codes each method returns counted field by field, and
 the bytes of HBLLM's packed checkpoint. Only the public API is used (``hbllm.quantize_weight``,
 ``QuantResult.bits/salient/codes``, ``hbllm.pack``)."""
+import dataclasses
 import math
 
 import pytest
@@ -42,13 +43,16 @@ def code_bits(codes, index_bits: int) -> int:
     """Bits of what the codes hold, by field: one per sign and group-membership entry, 16 per
     mean and scale, ``index_bits`` per salient column index; ``q`` (the dequantized values,
     rebuilt from the rest) and the block's start/end are not stored."""
-    per_entry = {"sign": 1, "upper": 1, "mean": FP, "scale": FP, "salient_idx": index_bits}
+    per_entry = {"sign": 1, "upper": 1, "mean": FP, "scale": FP, "salient_idx": index_bits,
+                 "salient": index_bits}
     if torch.is_tensor(codes):
         raise AssertionError("a bare tensor in the codes: name it in code_bits")
     if isinstance(codes, dict):
         items = codes.items()
     elif hasattr(codes, "_fields"):  # NamedTuple
         items = zip(codes._fields, codes)
+    elif dataclasses.is_dataclass(codes):  # the methods' typed block codes
+        items = ((f.name, getattr(codes, f.name)) for f in dataclasses.fields(codes))
     elif isinstance(codes, (tuple, list)):
         return sum(code_bits(c, index_bits) for c in codes)
     else:
@@ -56,6 +60,8 @@ def code_bits(codes, index_bits: int) -> int:
     total = 0
     for name, value in items:
         if name in ("start", "end", "q"):
+            continue
+        if isinstance(value, (str, int, float)):  # layout, Haar constant, blocksize: config
             continue
         if torch.is_tensor(value):
             assert name in per_entry, f"unknown code field {name!r}: count it in code_bits"

@@ -4,9 +4,8 @@ import torch
 
 from hbllm.config import QuantConfig
 from hbllm.quant import quantize_block, quantize_weight, upper_inverse_cholesky
-from hbllm.quant.bits import block_bits, index_bits, stored_bits
-from hbllm.quant.decode import dequantize_block
-from hbllm.quant.layouts import fill_avg
+from hbllm.quant.bits import index_bits
+from hbllm.quant.hbllm import fill_avg
 
 
 def heavy_tailed_problem(rows=64, cols=256, tokens=1024, seed=0):
@@ -99,21 +98,33 @@ def test_clear_errors():
     assert QuantConfig().salient_metric == "l2"
 
 
+def _block_bits(R, C, k, **kw):
+    """(paper, full) of the registry's formula for one (R, C) block with k salient columns
+    (``d`` chosen so that exactly the first k columns of a random block are salient)."""
+    cfg = QuantConfig(blocksize=C, **kw)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(R, C, generator=g)
+    w[:, :k] *= 50
+    _, codes = quantize_block(w, torch.ones(C), cfg)
+    assert codes.salient.tolist() == list(range(k))
+    return cfg.spec.bits(cfg, codes)
+
+
 def test_full_bits_hand_count():
     """Rows 4, one block of 8 columns, k salient columns, blocksize 8 (3-bit indices)."""
     R, C, k = 4, 8, 2
     # row layout: 2 bands of 4x4 -> 32 sign + 32 membership bits, 2 bands x 4 rows x 4 fp16;
     # salient residual: 2 bands of 2x2 -> 8 sign + 8 membership, 2 bands x 2 rows x 4 fp16; 2 indices
     hand_row = 32 + 32 + 2 * 4 * 4 * 16 + 8 + 8 + 2 * 2 * 4 * 16 + 2 * 3
-    assert block_bits("hbllm", "row", False, R, C, k, 8) == (32 + 8, hand_row)
+    assert _block_bits(R, C, k, method="hbllm", layout="row", up_lim=3) == (32 + 8, hand_row)
     # shared mean: 3 fp16 per band row instead of 4
-    assert block_bits("hbllm", "row", True, R, C, k, 8)[1] == hand_row - 2 * 4 * 16
+    assert _block_bits(R, C, k, method="hbllm", shared_mean=True, up_lim=3)[1] == hand_row - 2 * 4 * 16
     # col layout: bands 2x6 -> 24 sign + 24 membership, 2 bands x 2 rows x 4 fp16; same residual
     hand_col = 24 + 24 + 2 * 2 * 4 * 16 + 8 + 8 + 2 * 2 * 4 * 16 + 2 * 3
-    assert block_bits("hbllm", "col", False, R, C, k, 8) == (32, hand_col)
+    assert _block_bits(R, C, k, method="hbllm", layout="col", up_lim=3) == (32, hand_col)
     # billm: 4x6 -> sign + membership, 4 rows x 4 fp16; salient 4x2 B2 -> 2 signs, 4 fp16 per row
-    assert block_bits("billm", "row", False, R, C, k, 8) == (24 + 16, 48 + 4 * 64 + 16 + 4 * 64 + 6)
-    assert block_bits("sign", "row", False, R, C, 0, 8) == (32, 32 + 4 * 32)
+    assert _block_bits(R, C, k, method="billm", up_lim=3) == (24 + 16, 48 + 4 * 64 + 16 + 4 * 64 + 6)
+    assert _block_bits(R, C, 0, method="sign") == (32, 32 + 4 * 32)
     assert index_bits(128) == 7
 
 
@@ -124,9 +135,9 @@ def test_codes_rebuild_the_weight_and_count_the_full_bits(kw):
     w, h, _ = heavy_tailed_problem(rows=16, cols=96)
     cfg = QuantConfig(blocksize=32, **kw)
     res = quantize_weight(w, h, cfg, return_codes=True)
-    rebuilt = torch.cat([dequantize_block(c, cfg, 16) for c in res.codes], 1)
+    rebuilt = torch.cat([c.dequantize() for c in res.codes], 1)
     assert torch.allclose(rebuilt, res.weight, atol=1e-6)
-    full = sum(stored_bits(c, cfg.blocksize) for c in res.codes)
+    full = sum(c.stored_bits() for c in res.codes)
     assert full == sum(b[1] for b in res.block_bits)
     assert res.bits["full"] == pytest.approx(full / w.numel())
     assert 1.0 <= res.bits["paper"] < 1.5

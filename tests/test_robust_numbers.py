@@ -38,7 +38,7 @@ def test_extreme_blocks_return_codes_in_the_weight_scale():
     big = quantize_weight(W * 2.0 ** 100, H, cfg, return_codes=True).codes
     for b0, b1 in zip(base, big):
         for part in ("main", "residual"):
-            c0, c1 = b0[part], b1[part]
+            c0, c1 = getattr(b0, part), getattr(b1, part)
             assert torch.equal(c1.mean, c0.mean * 2.0 ** 100)
             assert torch.equal(c1.scale, c0.scale * 2.0 ** 100)
             assert torch.equal(c1.sign, c0.sign) and torch.equal(c1.upper, c0.upper)

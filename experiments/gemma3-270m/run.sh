@@ -37,15 +37,26 @@ if [ "${ZEROSHOT:-0}" = 1 ]; then
     hydra.job.name=gemma3_zeroshot "eval.datasets=[]" eval.zeroshot.enabled=true \
     "eval.zeroshot.tasks=[openbookqa]" eval.zeroshot.local_dir=$DATA/zeroshot eval.zeroshot.limit=100
 fi
+# 3b. The field's other baselines in the same setting (sweep gemma3_methods, OMP_NUM_THREADS=1:
+#     GPTQ's column loop is thousands of tiny ops, which multi-threading on a loaded 2-core
+#     machine slows ~15x), most informative first; then the accuracy-vs-bits frontier over all
+#     runs kept in runs/ (experiments/gemma3-270m/frontier/).
+step methods16 env OMP_NUM_THREADS=1 hbllm -m experiment=gemma3_study data.local_dir=$DATA \
+  hydra.job.name=gemma3_methods \
+  quant=gptq_w3g128,gptq_w2g128,pbllm,rtn_w3g128,gptq_w4g128,rtn_w2g128,rtn_w4g128,pbllm_lf70
 # 4. The report (tables, CSV, plots).
 hbllm-report multirun/gemma3_study/gemma3-270m multirun/ablation_salient/gemma3-270m \
   multirun/ablation_grouping/gemma3-270m -o experiments/gemma3-270m/report
 # 5. Keep each run's results.json and resolved config beside RESULTS.md (multirun/ is git-ignored):
 #    runs/<sweep>/<method>/<calib>-<hash>/.
-for sweep in gemma3_study gemma3_zeroshot ablation_salient ablation_grouping; do
+for sweep in gemma3_study gemma3_zeroshot ablation_salient ablation_grouping gemma3_methods; do
   [ -d multirun/$sweep/gemma3-270m ] || continue
   find multirun/$sweep/gemma3-270m -name results.json -not -path '*/wandb/*' | while read -r f; do
     run=$(dirname "$f"); d=experiments/gemma3-270m/runs/$sweep/$(basename "$(dirname "$run")")/$(basename "$run")
     mkdir -p "$d" && cp "$f" "$d/" && cp "$run/.hydra/config.yaml" "$d/" 2>/dev/null
   done
 done
+# 6. The frontier over the main comparison and the other baselines (perplexity vs full and paper
+#    bits, Pareto front; the ablations are left out: their runs share the hbllm_row label).
+hbllm-report experiments/gemma3-270m/runs/gemma3_study experiments/gemma3-270m/runs/gemma3_methods \
+  -o experiments/gemma3-270m/frontier

@@ -112,26 +112,28 @@ def _bands(split, h: int) -> BandCodes:
     return BandCodes(split.sign[h] > 0, split.upper[h], split.mean[h].float(), split.scale[h].float())
 
 
-def from_quantizer(blocks: List[dict], rows: int, cols: int, blocksize: int, layout: str,
+def from_quantizer(blocks: list, rows: int, cols: int, blocksize: int, layout: str,
                    inverse: str) -> LinearCodes:
     """Convert ``quantize_weight(..., return_codes=True).codes`` of an HBLLM linear (a list of
-    per-block dicts ``{start, end, salient_idx, main, residual}``) to :class:`LinearCodes`.
+    per-block :class:`hbllm.quant.hbllm.HBLLMCodes`) to :class:`LinearCodes`.
 
     A sign of exactly 0 (an entry equal to its group mean) is stored as ``+``; it only matters
     when the group's scale is non-zero, which the tests measure.
     """
+    from ..quant.hbllm import HBLLMCodes
+
     out = []
     for blk in blocks:
-        if "main" not in blk or "residual" not in blk:
-            raise ValueError("packing needs HBLLM codes (keys main/residual); got "
-                             f"{sorted(blk)} -- BiLLM/sign checkpoints have no packed format")
-        if blk["end"] - blk["start"] != blocksize:
-            raise ValueError(f"block [{blk['start']}, {blk['end']}) is not {blocksize} wide: the "
+        if not isinstance(blk, HBLLMCodes):
+            raise ValueError(f"packing needs HBLLM codes; got {type(blk).__name__} -- only methods "
+                             "whose registry entry says packable=True have a packed format")
+        width = blk.main.sign.shape[-1] * 2 if blk.layout == "row" else blk.main.sign.shape[-1] + blk.salient.numel()
+        if width != blocksize:
+            raise ValueError(f"a block is {width} columns wide, not {blocksize}: the "
                              "packed format needs in_features divisible by blocksize")
-        sal = blk["salient_idx"].long().cpu()
-        main, res = blk["main"], blk["residual"]
-        main = type(main)(*(t.cpu() for t in main))
-        res = type(res)(*(t.cpu() for t in res))
+        sal = blk.salient.long().cpu()
+        main = type(blk.main)(*(t.cpu() for t in blk.main))
+        res = type(blk.residual)(*(t.cpu() for t in blk.residual))
         sl, sh = (_bands(res, 0), _bands(res, 1)) if sal.numel() else (None, None)
         out.append(BlockCodes(sal, _bands(main, 0), _bands(main, 1), sl, sh))
     return LinearCodes(layout, rows, cols, blocksize, inverse, out)

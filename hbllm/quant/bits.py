@@ -1,9 +1,7 @@
-"""Bit accounting (METHOD.md section 7), per GPTQ block of ``R`` rows, ``C`` columns, ``k`` salient.
+"""Shared pieces of the bit accounting (docs/quantizers.md gives every method's formulas).
 
-paper: 1 bit per binarized coefficient, plus 1 per salient coefficient for its residual.
-full: exactly what a packed checkpoint stores: 1 sign bit per binarized coefficient (twice for
-B2), 1 membership bit per coefficient of every split, ``ceil(log2(blocksize))`` bits per salient
-column index, and 16 bits per fp16 mean and scale (per band row, per group).
+paper: the convention of the method's paper. full: exactly what a packed checkpoint stores,
+counted per method in its module, with 16 bits per fp16 statistic.
 """
 from __future__ import annotations
 
@@ -15,42 +13,16 @@ from .split_search import SplitCodes
 FP_BITS = 16
 
 
-def index_bits(blocksize: int) -> int:
-    """Bits of one salient column index inside a block."""
-    return max(1, math.ceil(math.log2(blocksize)))
+def index_bits(n: int) -> int:
+    """Bits of one index among ``n`` (a salient column inside a block of ``n``)."""
+    return max(1, math.ceil(math.log2(n)))
 
 
-def block_bits(method: str, layout: str, shared_mean: bool, rows: int, cols: int, k: int,
-               blocksize: int) -> tuple[int, int]:
-    """``(paper, full)`` bits of one quantized block."""
-    R, C = rows, cols
-    split_stats = FP_BITS * (3 if shared_mean else 4)  # (1 or 2) means + 2 scales per band row
-    if method == "hbllm":
-        residual = 2 * R * k + 2 * (R // 2) * 4 * FP_BITS + k * index_bits(blocksize)
-        if layout == "row":  # bands (R, C/2) x 2
-            return R * C + R * k, 2 * R * C + 2 * R * split_stats + residual
-        # col: bands (R/2, C-k) x 2
-        return R * (C - k) + R * k, 2 * R * (C - k) + 2 * (R // 2) * split_stats + residual
-    if method == "billm":
-        salient = 2 * R * k + R * 4 * FP_BITS + k * index_bits(blocksize)
-        return R * (C - k) + 2 * R * k, 2 * R * (C - k) + R * 4 * FP_BITS + salient
-    if method == "sign":
-        return R * C, R * C + R * 2 * FP_BITS
-    raise ValueError(f"no bit accounting for method={method!r}")
+def binarized_bits(b: Binarized) -> int:
+    """Stored bits of a :class:`Binarized` group: one sign bit per entry, fp16 mean and scale."""
+    return b.sign.numel() + FP_BITS * (b.mean.numel() + b.scale.numel())
 
 
-def stored_bits(codes, blocksize: int) -> int:
-    """Count the bits of a block's codes as stored (see module docstring); must equal
-    ``block_bits(...)[1]``."""
-    if isinstance(codes, SplitCodes):
-        return codes.sign.numel() + codes.upper.numel() + FP_BITS * (codes.mean.numel() + codes.scale.numel())
-    if isinstance(codes, Binarized):
-        return codes.sign.numel() + FP_BITS * (codes.mean.numel() + codes.scale.numel())
-    if isinstance(codes, (tuple, list)):
-        return sum(stored_bits(c, blocksize) for c in codes)
-    if isinstance(codes, dict):
-        total = sum(stored_bits(v, blocksize) for key, v in codes.items() if key not in ("salient_idx", "start", "end"))
-        if "salient_idx" in codes:
-            total += codes["salient_idx"].numel() * index_bits(blocksize)
-        return total
-    raise TypeError(f"unknown code type {type(codes).__name__}")
+def split_bits(c: SplitCodes) -> int:
+    """Stored bits of :class:`SplitCodes`: sign and membership bit per entry, fp16 statistics."""
+    return c.sign.numel() + c.upper.numel() + FP_BITS * (c.mean.numel() + c.scale.numel())
