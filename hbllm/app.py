@@ -261,7 +261,7 @@ def _quantize(model, tokenizer, calib, rc: RunConfig, device, results: Results, 
             packed[name] = compress(res.codes, *res.weight.shape, rc.quant)
 
     stats = quantize_model(model, calib, rc.quant, device, on_layer=on_layer,
-                           on_linear=on_linear, return_codes=rc.save_packed)
+                           on_linear=on_linear, return_codes=rc.save_packed, repeat=rc.repeat)
     timing = results.get("timing", {})
     timing["quantize_s"] = stats.seconds
     results.update(bits=stats.bits, timing=timing, layers=stats.layers)

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
+from .jitter import jitter_hessian
 from .models import find_layers, find_linears, move_outside_layers
 
 log = logging.getLogger(__name__)
@@ -159,14 +160,15 @@ def quantize_model(model: nn.Module, tokens: torch.Tensor, quant: QuantConfig,
                    on_layer: Optional[Callable[[dict], None]] = None,
                    only: Optional[Sequence[int]] = None,
                    on_linear: Optional[Callable[[str, object], None]] = None,
-                   return_codes: bool = False) -> QuantizeStats:
+                   return_codes: bool = False, repeat: int = 0) -> QuantizeStats:
     """Quantize every linear of every decoder layer of ``model`` (on CPU) in place, calibrating
     on ``tokens`` (nsamples, seqlen). ``on_layer`` is called with each finished layer record
     ``{"index", "loss", "time_s", "linears": {name: {"loss", "bits_paper", "bits_full"}}}``.
     ``only``: indices of the layers to quantize (default all; quick experiments and tests).
     ``on_linear(name, res)`` is called after each linear with its full module name in ``model``
     and its :class:`hbllm.QuantResult` (``res.codes`` filled when ``return_codes``).
-    With ``quant.method == "none"`` nothing is touched."""
+    ``repeat`` > 0 jitters every Hessian (:func:`hbllm.jitter.jitter_hessian`: float-order noise
+    only). With ``quant.method == "none"`` nothing is touched."""
     from . import quantize_weight
 
     start = time.perf_counter()
@@ -190,6 +192,7 @@ def quantize_model(model: nn.Module, tokens: torch.Tensor, quant: QuantConfig,
             layer.to("cpu")
             continue
         hessians = layer_hessians(layer, hidden, kwargs, device)
+        hessians = {n: jitter_hessian(h, repeat, f"{i}.{n}") for n, h in hessians.items()}
         record = {"index": i, "loss": 0.0, "time_s": 0.0, "linears": {}}
         for name, lin in find_linears(layer).items():
             res = quantize_weight(lin.weight.data, hessians.pop(name), quant,

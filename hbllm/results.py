@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any, Dict
 
 NOT_IN_KEY = ("logger", "resume", "name", "hydra")
+# fields added after runs were recorded: left out at their default, so older runs keep their key
+KEY_DEFAULTS = {"repeat": 0}
 
 
 def config_key(resolved: Dict[str, Any]) -> str:
     """12 hex digits identifying the experiment described by a resolved config dict."""
-    kept = {k: v for k, v in resolved.items() if k not in NOT_IN_KEY}
+    kept = {k: v for k, v in resolved.items()
+            if k not in NOT_IN_KEY and not (k in KEY_DEFAULTS and v == KEY_DEFAULTS[k])}
     blob = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -27,6 +27,7 @@ PRESETS = {
     "ablation_blocksize": ("quant.blocksize", [64, 128, 256]),
     "ablation_calib": ("calib", ["c4", "wikitext2", "ptb"]),
     "methods": ("quant", ["fp16", "sign", "billm", "hbllm_row", "hbllm_col"]),
+    "seeds": ("seed", [0, 1, 2, 3, 4]),
     "gemma3_study": ("quant", ["fp16", "hbllm_row", "billm", "sign", "hbllm_col",
                                "hbllm_row_shared", "hbllm_col_shared"]),
 }
@@ -76,6 +77,9 @@ def test_preset_expands_to_valid_jobs(preset):
         assert rc.model.name == "tiny-llama"
         if key == "quant":
             assert rc.quant.label == value  # the run's display name is the method's
+        elif key == "seed":
+            assert rc.seed == value and rc.repeat == 0
+            assert f"seed={value}" in cfg.logger.tags
         elif key == "calib":
             assert rc.calib.name == value
             assert f"calib={value}" in cfg.logger.tags
