@@ -166,3 +166,38 @@ def test_report_logs_grouped_tables_to_wandb(seed_sweep, tmp_path, monkeypatch):
     assert len(g["data"]) == 3
     c = tables["comparisons"]
     assert len(c["data"]) == 6 and "verdict" in c["columns"]
+
+
+def test_seeds_preset_and_repeat_knob_on_real_tiny_runs(tmp_path):
+    """`hbllm -m experiment=seeds seed=0,1 repeat=0,1`: 4 runs; the seed moves the calibration
+    sample (other layer losses), a repeat only the float rounding of the Hessians (losses within
+    1e-4, not bit-identical); hbllm-report makes one config of n=4."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    data = root.parent / "shared" / "data"
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "hbllm.app", "-m", "experiment=seeds", "model=tiny-llama",
+           "calib=wiki_sample", "calib.nsamples=4", "eval=quick", "eval.datasets=[wiki_sample]",
+           "eval.max_windows=2", "eval.baseline=false", f"data.local_dir={data}",
+           "data.offline=true", "logger=disabled", "seed=0,1", "repeat=0,1",
+           f"hydra.sweep.dir={sweep}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = {}
+    for f in sweep.rglob("results.json"):
+        res = json.loads(f.read_text())
+        runs[(res["config"]["seed"], res["config"]["repeat"])] = res
+    assert set(runs) == {(0, 0), (0, 1), (1, 0), (1, 1)} and len({r["key"] for r in runs.values()}) == 4
+    loss = {k: [layer["loss"] for layer in r["layers"]] for k, r in runs.items()}
+    for seed in (0, 1):
+        assert loss[(seed, 1)] != loss[(seed, 0)]  # jittered ...
+        assert loss[(seed, 1)] == pytest.approx(loss[(seed, 0)], rel=1e-4)  # ... by float noise
+    assert loss[(1, 0)] != pytest.approx(loss[(0, 0)], rel=1e-2)  # another calibration sample
+    build_report([sweep], tmp_path / "report")
+    groups = pd.read_csv(tmp_path / "report" / "report_groups.csv")
+    assert list(groups["n"]) == [4] and list(groups["method"]) == ["hbllm_row"]
