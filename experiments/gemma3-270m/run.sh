@@ -26,6 +26,9 @@ step() {  # step NAME CMD...: run CMD, append its wall time to $LOG
 
 # 1. Main comparison: the preset's 7 methods, cheapest and most informative first.
 step methods hbllm -m experiment=gemma3_study data.local_dir=$DATA
+# 1b. Seed repeats (RESULTS.md, "Noise"): hbllm_row, billm, hbllm_col over seeds 1-4 into the same
+#    sweep directory (seed 0 is step 1's run); hbllm-report then groups them per method.
+step seeds bash experiments/gemma3-270m/run_seeds.sh
 # 2. Ablations of hbllm_row. Only the non-default value is run: the default (l2, row) is
 #    exactly the hbllm_row run of step 1 (same resolved config), compared in RESULTS.md.
 step ablation-salient hbllm -m experiment=ablation_salient "${SETTING[@]}" quant.salient_metric=l1

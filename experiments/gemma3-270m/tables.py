@@ -4,7 +4,8 @@
 
 Main table: every run of the gemma3_study sweep; ratio = perplexity / fp16 perplexity on the same
 windows. Ablations: hbllm_row (l2 salient score, row split) against the l1 and global variants.
-Zero-shot: accuracy of the gemma3_zeroshot runs.
+Zero-shot: accuracy of the gemma3_zeroshot runs. These use seed 0; the last two tables are the
+seed repeats of hbllm_row, billm and hbllm_col (geometric mean, spread, range; hbllm.stats).
 """
 import json
 import sys
@@ -14,14 +15,47 @@ SETS = ("wikitext2", "ptb", "wiki_sample")
 ORDER = ("fp16", "sign", "billm", "hbllm_row", "hbllm_col", "hbllm_row_shared", "hbllm_col_shared")
 
 
-def load(runs: Path, sweep: str) -> dict:
-    """{label: results} of the finished runs of one sweep (label: quant.name or method)."""
-    out = {}
+def load_all(runs: Path, sweep: str) -> list:
+    """[(label, results)] of the finished runs of one sweep (label: quant.name or method)."""
+    out = []
     for f in sorted((runs / sweep).glob("*/*/results.json")):
         res = json.loads(f.read_text())
         if res.get("status") == "done":
-            out[f.parent.parent.name] = res
+            out.append((f.parent.parent.name, res))
     return out
+
+
+def load(runs: Path, sweep: str) -> dict:
+    """{label: results} of the seed-0, unjittered runs of one sweep (the main tables)."""
+    return {label: res for label, res in load_all(runs, sweep)
+            if res["config"].get("seed", 0) == 0 and res["config"].get("repeat", 0) == 0}
+
+
+def noise_tables(runs: Path, methods=("hbllm_row", "billm", "hbllm_col")) -> None:
+    """Seed repeats of ``methods`` (gemma3_study sweep): per method n and the geometric mean,
+    spread and range of each perplexity; then every pair compared with hbllm-report's test."""
+    from hbllm.stats import compare, summarize
+
+    ppl = {m: {s: [] for s in SETS} for m in methods}
+    seeds = {m: [] for m in methods}
+    for label, res in load_all(runs, "gemma3_study"):
+        if label in ppl and res["config"].get("repeat", 0) == 0:
+            seeds[label].append(res["config"].get("seed", 0))
+            for s in SETS:
+                ppl[label][s].append(res["ppl"][s])
+    print("\n| method | n | seeds | " + " | ".join(f"ppl {s}" for s in SETS) + " |")
+    print("|---|---|---|---|---|---|")
+    for m in methods:
+        cells = [summarize(ppl[m][s], log=True) for s in SETS]
+        print(f"| {m} | {len(seeds[m])} | {','.join(map(str, sorted(seeds[m])))} | "
+              + " | ".join(c.format() if c else "-" for c in cells) + " |")
+    print("\n| a | b | " + " | ".join(f"{s}: b/a" for s in SETS) + " |")
+    print("|---|---|---|---|---|")
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            if seeds[a] and seeds[b]:
+                print(f"| {a} | {b} | " + " | ".join(
+                    compare(ppl[a][s], ppl[b][s]).format() for s in SETS) + " |")
 
 
 def fmt(v: float) -> str:
@@ -67,4 +101,6 @@ def main(runs: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "runs")
+    runs_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "runs"
+    main(runs_dir)
+    noise_tables(runs_dir)
