@@ -5,7 +5,8 @@
 Main table: every run of the gemma3_study sweep; ratio = perplexity / fp16 perplexity on the same
 windows. Ablations: hbllm_row (l2 salient score, row split) against the l1 and global variants.
 Zero-shot: accuracy of the gemma3_zeroshot runs. These use seed 0; the last two tables are the
-seed repeats of hbllm_row, billm and hbllm_col (geometric mean, spread, range; hbllm.stats).
+seed repeats of hbllm_row, billm and hbllm_col (sweep gemma3_seeds: geometric mean, spread,
+range, and the comparisons of hbllm.stats).
 """
 import json
 import sys
@@ -32,13 +33,14 @@ def load(runs: Path, sweep: str) -> dict:
 
 
 def noise_tables(runs: Path, methods=("hbllm_row", "billm", "hbllm_col")) -> None:
-    """Seed repeats of ``methods`` (gemma3_study sweep): per method n and the geometric mean,
-    spread and range of each perplexity; then every pair compared with hbllm-report's test."""
+    """Seed repeats of ``methods`` (gemma3_seeds sweep, one thread): per method n and the
+    geometric mean, spread and range of each perplexity; then every pair compared with
+    hbllm-report's test (Welch t on log-perplexity)."""
     from hbllm.stats import compare, summarize
 
     ppl = {m: {s: [] for s in SETS} for m in methods}
     seeds = {m: [] for m in methods}
-    for label, res in load_all(runs, "gemma3_study"):
+    for label, res in load_all(runs, "gemma3_seeds"):
         if label in ppl and res["config"].get("repeat", 0) == 0:
             seeds[label].append(res["config"].get("seed", 0))
             for s in SETS:
