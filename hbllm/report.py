@@ -12,6 +12,12 @@ differing config values). Written to ``--out`` (default: the first DIR):
 * ``report.csv``: one row per run, full precision, the numbers of its results.json;
 * ``<sweep>_ppl_vs_bits.png`` (perplexity vs paper bits per weight, one marker per method) and
   ``<sweep>_layer_loss.png`` (quantization loss per layer, one curve per run).
+
+Runs of a sweep that differ only by ``seed``/``repeat`` are repeats of one config
+(:mod:`hbllm.report_noise`): the tables then have one row per config (n, geometric mean, spread,
+range), every two configs are compared by a test over the repeats (``--test``; significant or
+within noise), the plot has error bars, and ``report_groups.csv`` / ``report_comparisons.csv``
+are written. ``--log-wandb`` logs the tables to W&B. See docs/sweeps.md, "Noise".
 """
 from __future__ import annotations
 
