@@ -5,8 +5,8 @@
 Main table: every run of the gemma3_study sweep; ratio = perplexity / fp16 perplexity on the same
 windows. Ablations: hbllm_row (l2 salient score, row split) against the l1 and global variants.
 Zero-shot: accuracy of the gemma3_zeroshot runs. These use seed 0; the last two tables are the
-seed repeats of hbllm_row, billm and hbllm_col (sweep gemma3_seeds: geometric mean, spread,
-range, and the comparisons of hbllm.stats).
+repeats of hbllm_row, billm and hbllm_col (sweep gemma3_seeds plus the main study's run:
+geometric mean, spread, range, and the comparisons of hbllm.stats).
 """
 import json
 import sys
@@ -32,30 +32,37 @@ def load(runs: Path, sweep: str) -> dict:
             if res["config"].get("seed", 0) == 0 and res["config"].get("repeat", 0) == 0}
 
 
+# thread count of each sweep's runs (run.sh: OMP_NUM_THREADS=2; run_seeds.sh: 1); not recorded in
+# results.json, but part of the float order: a run at another thread count is a float-order repeat
+THREADS = {"gemma3_study": 2, "gemma3_seeds": 1}
+
+
 def noise_tables(runs: Path, methods=("hbllm_row", "billm", "hbllm_col")) -> None:
-    """Seed repeats of ``methods`` (gemma3_seeds sweep, one thread): per method n and the
+    """Repeats of ``methods``: the seed runs (gemma3_seeds, one thread) and the main study's
+    seed-0 run (two threads: same config, another float order). Per method n, the runs, and the
     geometric mean, spread and range of each perplexity; then every pair compared with
-    hbllm-report's test (Welch t on log-perplexity)."""
+    hbllm-report's test (hbllm.stats.compare: Welch t on log-perplexity)."""
     from hbllm.stats import compare, summarize
 
     ppl = {m: {s: [] for s in SETS} for m in methods}
-    seeds = {m: [] for m in methods}
-    for label, res in load_all(runs, "gemma3_seeds"):
-        if label in ppl and res["config"].get("repeat", 0) == 0:
-            seeds[label].append(res["config"].get("seed", 0))
-            for s in SETS:
-                ppl[label][s].append(res["ppl"][s])
-    print("\n| method | n | seeds | " + " | ".join(f"ppl {s}" for s in SETS) + " |")
+    members = {m: [] for m in methods}
+    for sweep, threads in THREADS.items():
+        for label, res in load_all(runs, sweep):
+            if label in ppl and res["config"].get("repeat", 0) == 0:
+                members[label].append(f"s{res['config'].get('seed', 0)}/{threads}t")
+                for s in SETS:
+                    ppl[label][s].append(res["ppl"][s])
+    print("\n| method | n | runs (seed/threads) | " + " | ".join(f"ppl {s}" for s in SETS) + " |")
     print("|---|---|---|---|---|---|")
     for m in methods:
         cells = [summarize(ppl[m][s], log=True) for s in SETS]
-        print(f"| {m} | {len(seeds[m])} | {','.join(map(str, sorted(seeds[m])))} | "
+        print(f"| {m} | {len(members[m])} | {' '.join(members[m])} | "
               + " | ".join(c.format() if c else "-" for c in cells) + " |")
     print("\n| a | b | " + " | ".join(f"{s}: b/a" for s in SETS) + " |")
     print("|---|---|---|---|---|")
     for i, a in enumerate(methods):
         for b in methods[i + 1:]:
-            if seeds[a] and seeds[b]:
+            if members[a] and members[b]:
                 print(f"| {a} | {b} | " + " | ".join(
                     compare(ppl[a][s], ppl[b][s]).format() for s in SETS) + " |")
 
