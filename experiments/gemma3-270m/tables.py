@@ -47,11 +47,12 @@ def noise_tables(runs: Path, methods=("hbllm_row", "billm", "hbllm_col")) -> Non
     ppl = {m: {s: [] for s in SETS} for m in methods}
     members = {m: [] for m in methods}
     for sweep, threads in THREADS.items():
-        for label, res in load_all(runs, sweep):
-            if label in ppl and res["config"].get("repeat", 0) == 0:
-                members[label].append(f"s{res['config'].get('seed', 0)}/{threads}t")
-                for s in SETS:
-                    ppl[label][s].append(res["ppl"][s])
+        found = [(res["config"].get("seed", 0), label, res) for label, res in load_all(runs, sweep)
+                 if label in ppl and res["config"].get("repeat", 0) == 0]
+        for seed, label, res in sorted(found, key=lambda t: t[0]):
+            members[label].append(f"s{seed}/{threads}t")
+            for s in SETS:
+                ppl[label][s].append(res["ppl"][s])
     print("\n| method | n | runs (seed/threads) | " + " | ".join(f"ppl {s}" for s in SETS) + " |")
     print("|---|---|---|---|---|---|")
     for m in methods:
