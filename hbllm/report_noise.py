@@ -95,7 +95,8 @@ def comparisons(gdf: pd.DataFrame, raw: Sequence[Dict[str, List[float]]], keys: 
     """Every pair of groups (a before b in table order), per perplexity column: the ratio of
     geometric means b / a, the ``test``'s p-value and the verdict (hbllm.stats.compare)."""
     rows = []
-    labels = [_label(r, keys) for _, r in gdf.iterrows()]
+    unique = gdf["method"].nunique() == len(gdf)  # the method alone names each config
+    labels = [str(r["method"]) if unique else _label(r, keys) for _, r in gdf.iterrows()]
     for i in range(len(gdf)):
         for j in range(i + 1, len(gdf)):
             for col in raw[i]:
