@@ -391,7 +391,7 @@ def _quantize(model, tokenizer, calib, rc: RunConfig, device, results: Results, 
         stats = restore_model(model, store, rc.quant)
     else:
         stats = quantize_model(model, calib, rc.quant, device, on_layer=on_layer, store=store,
-                               pack=pack)
+                               pack=pack, repeat=rc.repeat)
         if stats.restored:
             results.update(resumed_at_layer=results.get("resumed_at_layer", []) + [stats.restored])
     timing = results.get("timing", {})

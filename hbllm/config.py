@@ -239,7 +239,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    seed: int = 0
+    seed: int = 0  # calibration sample (and random-init weights)
+    repeat: int = 0  # > 0: jitter the Hessians (float-order noise only; hbllm/jitter.py)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_model: bool = False
     save_packed: bool = False
@@ -247,6 +248,8 @@ class RunConfig:
     name: Optional[str] = None  # run name; default derived from model and method
 
     def __post_init__(self) -> None:
+        if self.repeat < 0:
+            raise ValueError(f"repeat must be >= 0 (0: no jitter), got {self.repeat}")
         if self.save_packed:
             check_packable(self.quant)
 

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
+from .jitter import jitter_hessian
 from .layer_store import LayerStore
 from .models import find_layers, move_outside_layers
 from .weights import (Coverage, QuantWeight, collect_hessians, fill_sparse_expert_hessians,
@@ -231,7 +232,8 @@ def quantize_model(model: nn.Module, tokens: Optional[torch.Tensor], quant: Quan
                    on_linear: Optional[Callable[[str, object], None]] = None,
                    return_codes: bool = False,
                    store: Optional[LayerStore] = None,
-                   pack: Optional[Callable[[object], tuple]] = None) -> QuantizeStats:
+                   pack: Optional[Callable[[object], tuple]] = None,
+                   repeat: int = 0) -> QuantizeStats:
     """Quantize every linear of every decoder layer of ``model`` (on CPU) in place, calibrating
     on ``tokens`` (nsamples, seqlen). ``on_layer`` is called with each finished layer record
     ``{"index", "loss", "time_s", "hessian_s", "quantize_s", "propagate_s", "linears": {name:
@@ -242,7 +244,8 @@ def quantize_model(model: nn.Module, tokens: Optional[torch.Tensor], quant: Quan
     ``store``: each finished layer is saved there, and the layers already there are applied
     instead of quantized (``tokens`` may be None when every layer is stored).
     ``pack(res) -> (tensors, manifest entry)``: compress each linear's codes (kept in the store
-    and in ``stats.packed``). With a method that does not quantize (``none``) nothing is touched."""
+    and in ``stats.packed``). ``repeat`` > 0 jitters every Hessian
+    (:func:`hbllm.jitter.jitter_hessian`: float-order noise only). With a method that does not quantize (``none``) nothing is touched."""
     from . import quantize_weight
 
     start = time.perf_counter()
@@ -289,6 +292,9 @@ def quantize_model(model: nn.Module, tokens: Optional[torch.Tensor], quant: Quan
         todo, left = select_weights(weights, quant.skip, quant.quantize_routers)
         hessians, counts = layer_hessians(layer, hidden, kwargs, device, todo)
         experts = fill_sparse_expert_hessians(todo, hessians, counts, quant.expert_min_tokens)
+        if repeat:  # one jittered tensor per shared Hessian
+            jittered = {id(h): jitter_hessian(h, repeat, f"{i}.{key}") for key, h in hessians.items()}
+            hessians = {key: jittered[id(h)] for key, h in hessians.items()}
         record = {"index": i, "loss": 0.0, "time_s": 0.0,
                   "hessian_s": clock.lap("hessian_s"), "linears": {}}
         if experts:

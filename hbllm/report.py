@@ -15,6 +15,13 @@ differing config values). Written to ``--out`` (default: the first DIR):
 * over all runs, the accuracy-vs-bits frontier (:mod:`hbllm.frontier`): ``frontier.csv`` and
   ``frontier_<model>_<dataset>.png`` (perplexity vs full and paper bits, one line per method
   family, Pareto front marked).
+
+
+Runs of a sweep that differ only by ``seed``/``repeat`` are repeats of one config
+(:mod:`hbllm.report_noise`): the tables then have one row per config (n, geometric mean, spread,
+range), every two configs are compared by a test over the repeats (``--test``; significant or
+within noise), the plot has error bars, and ``report_groups.csv`` / ``report_comparisons.csv``
+are written. ``--log-wandb`` logs the tables to W&B. See docs/sweeps.md, "Noise".
 """
 from __future__ import annotations
 
@@ -31,6 +38,10 @@ from hbllm.reference import report_columns
 
 from .frontier import family, frontier_section
 from .results import experiment_id
+from .report_noise import comparison_table, comparisons, group_rows, group_runs, grouped_table, split_keys
+from .stats import ALPHA, TESTS
+
+TEST_NAMES = {"welch": "two-sided Welch t-test", "mannwhitney": "two-sided Mann-Whitney U test"}
 
 RESULTS = "results.json"
 # config subtrees that differ between runs without being a swept experiment parameter
@@ -231,7 +242,8 @@ def _label(row: pd.Series, keys: Sequence[str]) -> str:
 
 
 def plot_ppl_vs_bits(df: pd.DataFrame, keys: Sequence[str], path: Path) -> bool:
-    """Perplexity (log) vs paper bits per weight, a subplot per eval dataset. False: no data."""
+    """Perplexity (log) vs paper bits per weight, a subplot per eval dataset; error bars from
+    ``min_<col>``/``max_<col>`` when ``df`` has grouped repeats. False: no data."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -245,8 +257,8 @@ def plot_ppl_vs_bits(df: pd.DataFrame, keys: Sequence[str], path: Path) -> bool:
     for ax, ds in zip(axes[0], datasets):
         for method, g in df[df[ds].notna()].groupby("method", sort=True):
             g = g.sort_values("bits_paper")
-            ax.plot(g["bits_paper"], g[ds], marker="o", linestyle="-" if len(g) > 1 else "",
-                    label=str(method))
+            ax.errorbar(g["bits_paper"], g[ds], yerr=_error_bars(g, ds), marker="o", capsize=3,
+                        linestyle="-" if len(g) > 1 else "", label=str(method))
             for _, row in g.iterrows():
                 vals = [str(row[k]) for k in keys if k in row and pd.notna(row[k])]
                 if vals:
@@ -266,6 +278,14 @@ def plot_ppl_vs_bits(df: pd.DataFrame, keys: Sequence[str], path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _error_bars(g: pd.DataFrame, col: str):
+    """(below, above) distances to ``min_<col>``/``max_<col>`` (grouped repeats), else None."""
+    if f"min_{col}" not in g:
+        return None
+    return [(g[col] - g[f"min_{col}"]).fillna(0).clip(lower=0),
+            (g[f"max_{col}"] - g[col]).fillna(0).clip(lower=0)]
 
 
 def plot_layer_losses(runs: Sequence[Run], labels: Sequence[str], path: Path) -> bool:
@@ -296,8 +316,11 @@ def plot_layer_losses(runs: Sequence[Run], labels: Sequence[str], path: Path) ->
     return True
 
 
-def build_report(dirs: Sequence[Path], out: Path, wandb_dirs: Sequence[Path] = ()) -> pd.DataFrame:
-    """Write report.md, report.csv and plots into ``out``; returns the per-run table."""
+def build_report(dirs: Sequence[Path], out: Path, wandb_dirs: Sequence[Path] = (),
+                 noise_out: Optional[List[str]] = None, test: str = "welch") -> pd.DataFrame:
+    """Write report.md, report.csv and plots into ``out``; returns the per-run table. With
+    repeated configs also report_groups.csv and report_comparisons.csv, and the grouped
+    sections' markdown is appended to ``noise_out``. ``test``: hbllm.stats.compare's test."""
     runs = find_runs(dirs, wandb_dirs)
     if not runs:
         raise SystemExit(f"no {RESULTS} under {', '.join(map(str, [*dirs, *wandb_dirs]))}")
@@ -305,22 +328,31 @@ def build_report(dirs: Sequence[Path], out: Path, wandb_dirs: Sequence[Path] = (
     table = pd.DataFrame([run_row(r) for r in runs])
     table.to_csv(out / "report.csv", index=False)
 
+    group_frames: List[pd.DataFrame] = []
+    cmp_frames: List[pd.DataFrame] = []
     md = ["# HBLLM sweep report", "",
           f"{len(runs)} run(s) from {', '.join(map(str, [*dirs, *wandb_dirs]))}. Bits are per "
           "weight (paper convention and full accounting); perplexity is lower-is-better.", ""]
     for sweep in dict.fromkeys(r.sweep for r in runs):
         sruns = [r for r in runs if r.sweep == sweep]
         done = [r for r in sruns if r.status == "done"]
-        keys = swept_keys(sruns)
+        keys, repeat_keys = split_keys(swept_keys(sruns))
         md += [f"## {sweep}", "", f"{len(done)} of {len(sruns)} run(s) done; swept: "
                f"{', '.join(keys) if keys else 'nothing'}; model(s): "
                f"{', '.join(sorted({str(r.results.get('model')) for r in sruns}))}.", ""]
-        if done:
+        groups = group_runs(done, keys, _swept_value)
+        if any(len(g) > 1 for g in groups):
+            gdf, cmp, text = _noise_sections(done, groups, keys, repeat_keys, sweep, out, test)
+            md += text
+            if noise_out is not None:
+                noise_out += [f"## {sweep}", "", *text]
+            group_frames.append(gdf.assign(sweep=sweep))
+            cmp_frames.append(cmp.assign(sweep=sweep))
+        elif done:
             df = pd.DataFrame([run_row(r) for r in done])
             nums = [r.num for r in done]
             for k in keys:  # overrides, or the config values of W&B runs
-                df[k] = [r.overrides.get(k, _flatten(r.results.get("config") or {}).get(k))
-                         for r in done]
+                df[k] = [_swept_value(r, k) for r in done]
             metrics = [c for c in _metric_columns(df) if c in df.columns]
             for key in keys or [None]:
                 others = [k for k in keys if k != key]
@@ -345,7 +377,79 @@ def build_report(dirs: Sequence[Path], out: Path, wandb_dirs: Sequence[Path] = (
     if done:
         md += frontier_section(pd.DataFrame([run_row(r) for r in done]), out, FULL_PRECISION_BITS)
     (out / "report.md").write_text("\n".join(md))
+    for name, frames in (("report_groups.csv", group_frames), ("report_comparisons.csv", cmp_frames)):
+        if frames:
+            pd.concat(frames).to_csv(out / name, index=False)
+        else:
+            (out / name).unlink(missing_ok=True)  # none from an earlier report of other runs
     return table
+
+
+def log_to_wandb(out: Path, project: str) -> None:
+    """Log the report just written to ``out`` as W&B tables (``runs``; with repeats also
+    ``groups`` and ``comparisons``) in a run of job type ``report`` (offline without an API key
+    or with WANDB_MODE=offline; the run's files land under ``out``)."""
+    import wandb
+
+    from .tracking import effective_mode
+
+    mode = effective_mode("online")
+    if mode == "disabled":
+        return
+    run = wandb.init(project=project, job_type="report", name=f"report-{out.name}", dir=str(out),
+                     mode=mode, reinit="finish_previous")
+    try:
+        for name in ("runs", "groups", "comparisons"):
+            path = out / ("report.csv" if name == "runs" else f"report_{name}.csv")
+            if path.exists():
+                df = pd.read_csv(path)
+                run.log({name: wandb.Table(dataframe=df.astype(object).where(df.notna(), None))})
+    finally:
+        run.finish()
+
+
+def _swept_value(run: Run, key: str) -> object:
+    """A run's value of a swept key: its override, else its resolved config's value."""
+    return run.overrides.get(key, _flatten(run.results.get("config") or {}).get(key))
+
+
+def _noise_sections(done: List[Run], groups, keys: List[str], repeat_keys: List[str],
+                    sweep: str, out: Path, test: str):
+    """Report sections of a sweep with repeated configs: one row per group (n, geometric mean,
+    spread and range of each perplexity), the pairwise comparisons, plots with error bars.
+    Returns (the grouped table, the comparisons, markdown lines)."""
+    df = pd.DataFrame([run_row(r) for r in done])
+    for k in keys:
+        df[k] = [_swept_value(r, k) for r in done]
+    gdf, raw = group_rows(df, groups, keys)
+    nums = [done[g[0]].num for g in groups]
+    metrics = [c for c in ["n", *_metric_columns(gdf)] if c in gdf.columns]
+    md = [f"Repeats over {', '.join(repeat_keys) or 'identical configs'}: {len(done)} runs in "
+          f"{len(groups)} configs. Perplexity: geometric mean (x/ geometric std, min-max) over "
+          "the n runs of a config; other numbers: mean.", ""]
+    for key in keys or [None]:
+        others = [k for k in keys if k != key]
+        cols = ([key] if key else []) + others + ["method"] + metrics
+        cols = [c for c in cols if c in gdf.columns]
+        part = gdf.iloc[_order(list(gdf[key]), nums)] if key else gdf
+        md += [f"### {key or 'runs'} (grouped)", "", grouped_table(part, cols, _fmt), ""]
+    cmp = comparisons(gdf, raw, keys, test)
+    if not cmp.empty:
+        md += ["### differences against noise", "",
+               "Ratio of geometric-mean perplexities b / a, and whether it exceeds the run-to-run "
+               f"spread: {TEST_NAMES[test]} on log-perplexity over the runs (p < {ALPHA}: "
+               "significant, else within noise; untested: too few runs for the test). "
+               "See docs/sweeps.md, \"Noise\".", "", comparison_table(cmp), ""]
+    slug = _slug(sweep)
+    if plot_ppl_vs_bits(gdf, keys, out / f"{slug}_ppl_vs_bits.png"):
+        md += [f"![perplexity vs bits]({slug}_ppl_vs_bits.png) (bars: min-max over the runs "
+               "of a config)", ""]
+    for k in repeat_keys:
+        df[k] = [_swept_value(r, k) for r in done]
+    labels = [_label(row, [*keys, *repeat_keys]) for _, row in df.iterrows()]
+    if plot_layer_losses(done, labels, out / f"{slug}_layer_loss.png"):
+        md += [f"![per-layer loss]({slug}_layer_loss.png)", ""]
+    return gdf, cmp, md
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -356,12 +460,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="where report.md/report.csv/*.png go (default: the first DIR)")
     parser.add_argument("--wandb", type=Path, action="append", default=[], metavar="DIR",
                         help="also read offline W&B runs under DIR (their files/results.json)")
+    parser.add_argument("--log-wandb", metavar="PROJECT", nargs="?", const="hbllm", default=None,
+                        help="log the report's tables to W&B project PROJECT (default hbllm)")
+    parser.add_argument("--test", choices=TESTS, default="welch",
+                        help="test of differences between repeated configs (docs/sweeps.md)")
     args = parser.parse_args(argv)
     if not args.dirs and not args.wandb:
         parser.error("give at least one run/multirun DIR or --wandb DIR")
     out = args.out or (args.dirs or args.wandb)[0]
-    table = build_report(args.dirs, out, args.wandb)
+    noise: List[str] = []
+    table = build_report(args.dirs, out, args.wandb, noise_out=noise, test=args.test)
+    if noise:
+        print("\n".join(noise))
     print(f"{len(table)} run(s) -> {out / 'report.md'}, {out / 'report.csv'}")
+    if args.log_wandb:
+        log_to_wandb(out, args.log_wandb)
 
 
 if __name__ == "__main__":

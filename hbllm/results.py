@@ -35,7 +35,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
-MODEL_KEY_PARTS = ("model", "calib", "quant", "seed")
+MODEL_KEY_PARTS = ("model", "calib", "quant", "seed", "repeat")
+# parts added after runs were recorded: left out at their default, so older runs keep their key
+KEY_DEFAULTS = {"repeat": 0}
 # display-only fields that do not change the quantized weights
 _NOT_IN_MODEL = {"quant": ("name",), "model": ("name",)}
 # EvalConfig fields that do not change an evaluation's number
@@ -48,11 +50,13 @@ def _hash(obj: Any) -> str:
 
 
 def model_key(resolved: Dict[str, Any]) -> str:
-    """12 hex digits identifying the quantized model of a resolved config: model, calib, quant
-    and seed (not evaluation, device, logger, name, resume, save_* ...)."""
+    """12 hex digits identifying the quantized model of a resolved config: model, calib, quant,
+    seed and repeat (not evaluation, device, logger, name, resume, save_* ...)."""
     kept = {}
     for part in MODEL_KEY_PARTS:
         value = resolved.get(part)
+        if part in KEY_DEFAULTS and value in (None, KEY_DEFAULTS[part]):
+            continue
         if isinstance(value, dict):
             value = {k: v for k, v in value.items() if k not in _NOT_IN_MODEL.get(part, ())}
         kept[part] = value

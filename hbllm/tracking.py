@@ -45,12 +45,19 @@ def effective_mode(mode: str) -> str:
 
 
 def run_identity(cfg: RunConfig) -> Dict[str, Any]:
-    """W&B run name, group and tags derived from model, method and calibration set."""
+    """W&B run name, group, job type and tags derived from model, method and calibration set.
+    The runs of one config over seeds/repeats share the default group and always the job type
+    ``<method>-<config identity>`` (:func:`hbllm.stats.group_key`)."""
+    from dataclasses import asdict
+
+    from .stats import group_key
+
+    config_id = f"{cfg.quant.label}-{group_key(asdict(cfg))}"
     name = cfg.name or f"{cfg.model.name}-{cfg.quant.label}-{cfg.calib.name}"
-    group = cfg.logger.group or f"{cfg.model.name}-{cfg.quant.label}"
+    group = cfg.logger.group or f"{cfg.model.name}-{config_id}"
     tags = [cfg.model.name, cfg.quant.method, cfg.quant.label, f"calib-{cfg.calib.name}",
             *cfg.logger.tags]
-    return {"name": name, "group": group, "tags": list(dict.fromkeys(tags))}
+    return {"name": name, "group": group, "job_type": config_id, "tags": list(dict.fromkeys(tags))}
 
 
 class Tracker:

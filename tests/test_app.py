@@ -13,6 +13,7 @@ from conftest import REPO, compose, require, wandb_logged
 from hbllm import app
 from hbllm.data import DataUnavailable
 from hbllm.report import find_runs
+from hbllm.stats import group_key
 
 # Text for the tiny runs: this package's own sources (always there, ~100k byte tokens; the
 # calibration and evaluation text are different files).
@@ -71,7 +72,7 @@ def test_run_writes_results_and_logs(first_run):
         pytest.approx([r["loss"] for r in stored["layers"]])
     assert any(h.get("layers/nrows") == 14 for h in got["history"])
     assert got["config"]["calib"]["nsamples"] == 4
-    assert got["run"].run_group == "tiny-llama-sign"
+    assert got["run"].run_group == f"tiny-llama-sign-{group_key(stored['config'])}"
     assert not any(k.startswith(("zeroshot", "baseline_zeroshot")) for k in got["summary"])
     # the final results.json travels with the W&B run (hbllm-report --wandb reads it)
     saved = [p for p in run_dir.rglob("files/results.json") if "wandb" in p.parts]

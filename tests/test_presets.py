@@ -32,6 +32,7 @@ PRESETS = {
                            "gptq_w3g128", "gptq_w4g128", "pbllm_lf95", "pbllm", "pbllm_lf80",
                            "pbllm_lf70", "billm_b64", "billm", "billm_b256", "hbllm_row_b64",
                            "hbllm_row", "hbllm_row_b256"]),
+    "seeds": ("seed", [0, 1, 2, 3, 4]),
     "gemma3_study": ("quant", ["fp16", "hbllm_row", "billm", "sign", "hbllm_col",
                                "hbllm_row_shared", "hbllm_col_shared"]),
     "paper_table1": ("quant", ["fp16", "billm", "hbllm_row", "hbllm_col"]),  # test_zeroshot_paper
@@ -82,6 +83,9 @@ def test_preset_expands_to_valid_jobs(preset):
         assert rc.model.name == "tiny-llama"
         if key == "quant":
             assert rc.quant.label == value  # the run's display name is the method's
+        elif key == "seed":
+            assert rc.seed == value and rc.repeat == 0
+            assert f"seed={value}" in cfg.logger.tags
         elif key == "calib":
             assert rc.calib.name == value
             assert f"calib={value}" in cfg.logger.tags

@@ -1,8 +1,11 @@
 """W&B: offline run files hold what was logged; offline without an API key; run identity."""
+from dataclasses import asdict
+
 import pytest
 
 from conftest import compose, wandb_logged
 from hbllm.config import validate
+from hbllm.stats import group_key
 from hbllm.tracking import Tracker, effective_mode, run_identity
 
 
@@ -31,7 +34,7 @@ def test_offline_run_files_hold_the_logged_metrics(tmp_path):
     assert got["config"]["quant"] == {"method": "hbllm", "blocksize": 128}
     run = got["run"]
     assert run.display_name == "tiny-llama-hbllm_col-c4"
-    assert run.run_group == "tiny-llama-hbllm_col"
+    assert run.run_group == f"tiny-llama-hbllm_col-{group_key(asdict(cfg))}"  # one group per config
     assert set(run.tags) == {"tiny-llama", "hbllm", "hbllm_col", "calib-c4", "abl"}
     # the saved file is the W&B run's own copy, as it was when the run ended
     [saved] = tmp_path.rglob("offline-run-*/files/results.json")
@@ -64,10 +67,12 @@ def test_identity_from_model_and_method(group, name):
     ov += [f"name={name}"] if name else []
     ident = run_identity(validate(compose(*ov)))
     assert ident["name"] == (name or "tiny-opt-billm-wiki_sample")
-    assert ident["group"] == (group or "tiny-opt-billm")
+    assert ident["group"] == (group or f"tiny-opt-billm-{group_key(asdict(validate(compose(*ov))))}")
 
 
 def test_identity_uses_an_explicit_quant_name():
     ident = run_identity(validate(compose("model=tiny-llama", "quant=hbllm_row", "quant.name=v2")))
-    assert ident["name"] == "tiny-llama-v2-c4" and ident["group"] == "tiny-llama-v2"
+    cfg = validate(compose("model=tiny-llama", "quant=hbllm_row", "quant.name=v2"))
+    assert ident["name"] == "tiny-llama-v2-c4"
+    assert ident["group"] == f"tiny-llama-v2-{group_key(asdict(cfg))}"
     assert {"hbllm", "v2"} <= set(ident["tags"])

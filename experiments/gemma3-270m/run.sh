@@ -26,6 +26,9 @@ step() {  # step NAME CMD...: run CMD, append its wall time to $LOG
 
 # 1. Main comparison: the preset's 7 methods, cheapest and most informative first.
 step methods hbllm -m experiment=gemma3_study data.local_dir=$DATA
+# 1b. Seed repeats (RESULTS.md, "Noise"): hbllm_row, billm, hbllm_col over seeds 0-4, one thread,
+#    sweep gemma3_seeds (see run_seeds.sh); hbllm-report groups them per method.
+step seeds bash experiments/gemma3-270m/run_seeds.sh
 # 2. Ablations of hbllm_row. Only the non-default value is run: the default (l2, row) is
 #    exactly the hbllm_row run of step 1 (same resolved config), compared in RESULTS.md.
 step ablation-salient hbllm -m experiment=ablation_salient "${SETTING[@]}" quant.salient_metric=l1
@@ -46,10 +49,10 @@ step methods16 env OMP_NUM_THREADS=1 hbllm -m experiment=gemma3_study data.local
   quant=gptq_w3g128,gptq_w2g128,pbllm,rtn_w3g128,gptq_w4g128,rtn_w2g128,rtn_w4g128,pbllm_lf70
 # 4. The report (tables, CSV, plots).
 hbllm-report multirun/gemma3_study/gemma3-270m multirun/ablation_salient/gemma3-270m \
-  multirun/ablation_grouping/gemma3-270m -o experiments/gemma3-270m/report
+  multirun/ablation_grouping/gemma3-270m multirun/gemma3_seeds/gemma3-270m -o experiments/gemma3-270m/report
 # 5. Keep each run's results.json and resolved config beside RESULTS.md (multirun/ is git-ignored):
 #    runs/<sweep>/<method>/<calib>-<hash>/.
-for sweep in gemma3_study gemma3_zeroshot ablation_salient ablation_grouping gemma3_methods; do
+for sweep in gemma3_study gemma3_seeds gemma3_zeroshot ablation_salient ablation_grouping gemma3_methods; do
   [ -d multirun/$sweep/gemma3-270m ] || continue
   find multirun/$sweep/gemma3-270m -name results.json -not -path '*/wandb/*' | while read -r f; do
     run=$(dirname "$f"); d=experiments/gemma3-270m/runs/$sweep/$(basename "$(dirname "$run")")/$(basename "$run")

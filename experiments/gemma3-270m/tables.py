@@ -4,7 +4,9 @@
 
 Main table: every run of the gemma3_study sweep; ratio = perplexity / fp16 perplexity on the same
 windows. Ablations: hbllm_row (l2 salient score, row split) against the l1 and global variants.
-Zero-shot: accuracy of the gemma3_zeroshot runs.
+Zero-shot: accuracy of the gemma3_zeroshot runs. These use seed 0; the last two tables are the
+repeats of hbllm_row, billm and hbllm_col (sweep gemma3_seeds plus the main study's run:
+geometric mean, spread, range, and the comparisons of hbllm.stats).
 """
 import json
 import sys
@@ -14,14 +16,56 @@ SETS = ("wikitext2", "ptb", "wiki_sample")
 ORDER = ("fp16", "sign", "billm", "hbllm_row", "hbllm_col", "hbllm_row_shared", "hbllm_col_shared")
 
 
-def load(runs: Path, sweep: str) -> dict:
-    """{label: results} of the finished runs of one sweep (label: quant.name or method)."""
-    out = {}
+def load_all(runs: Path, sweep: str) -> list:
+    """[(label, results)] of the finished runs of one sweep (label: quant.name or method)."""
+    out = []
     for f in sorted((runs / sweep).glob("*/*/results.json")):
         res = json.loads(f.read_text())
         if res.get("status") == "done":
-            out[f.parent.parent.name] = res
+            out.append((f.parent.parent.name, res))
     return out
+
+
+def load(runs: Path, sweep: str) -> dict:
+    """{label: results} of the seed-0, unjittered runs of one sweep (the main tables)."""
+    return {label: res for label, res in load_all(runs, sweep)
+            if res["config"].get("seed", 0) == 0 and res["config"].get("repeat", 0) == 0}
+
+
+# thread count of each sweep's runs (run.sh: OMP_NUM_THREADS=2; run_seeds.sh: 1); not recorded in
+# results.json, but part of the float order: a run at another thread count is a float-order repeat
+THREADS = {"gemma3_study": 2, "gemma3_seeds": 1}
+
+
+def noise_tables(runs: Path, methods=("hbllm_row", "billm", "hbllm_col")) -> None:
+    """Repeats of ``methods``: the seed runs (gemma3_seeds, one thread) and the main study's
+    seed-0 run (two threads: same config, another float order). Per method n, the runs, and the
+    geometric mean, spread and range of each perplexity; then every pair compared with
+    hbllm-report's test (hbllm.stats.compare: Welch t on log-perplexity)."""
+    from hbllm.stats import compare, summarize
+
+    ppl = {m: {s: [] for s in SETS} for m in methods}
+    members = {m: [] for m in methods}
+    for sweep, threads in THREADS.items():
+        found = [(res["config"].get("seed", 0), label, res) for label, res in load_all(runs, sweep)
+                 if label in ppl and res["config"].get("repeat", 0) == 0]
+        for seed, label, res in sorted(found, key=lambda t: t[0]):
+            members[label].append(f"s{seed}/{threads}t")
+            for s in SETS:
+                ppl[label][s].append(res["ppl"][s])
+    print("\n| method | n | runs (seed/threads) | " + " | ".join(f"ppl {s}" for s in SETS) + " |")
+    print("|---|---|---|---|---|---|")
+    for m in methods:
+        cells = [summarize(ppl[m][s], log=True) for s in SETS]
+        print(f"| {m} | {len(members[m])} | {' '.join(members[m])} | "
+              + " | ".join(c.format() if c else "-" for c in cells) + " |")
+    print("\n| a | b | " + " | ".join(f"{s}: b/a" for s in SETS) + " |")
+    print("|---|---|---|---|---|")
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            if members[a] and members[b]:
+                print(f"| {a} | {b} | " + " | ".join(
+                    compare(ppl[a][s], ppl[b][s]).format() for s in SETS) + " |")
 
 
 def fmt(v: float) -> str:
@@ -67,4 +111,6 @@ def main(runs: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "runs")
+    runs_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "runs"
+    main(runs_dir)
+    noise_tables(runs_dir)
