@@ -191,12 +191,12 @@ def plain_split(T, sal, S, iters):
     return tn.abs() >= best_t
 
 
-def arb_block(W, d, variant, S=None, up_lim=50, iters=15, x_iters=15, cgb=True):
-    """One block: (Q, salient columns)."""
+def arb_block(W, d, variant, S=None, up_lim=50, iters=15, x_iters=15, cgb=True, split_on="t"):
+    """One block: (Q, salient columns). The splits search T = W^2/d^2 (split_on "t") or W."""
     R, C = W.shape
     sal = ref.select_salient(W, d, "l1", up_lim)
     plain = [c for c in range(C) if c not in sal]
-    T = W ** 2 / d[None, :] ** 2
+    T = W ** 2 / d[None, :] ** 2 if split_on == "t" else W
     sal_groups = [torch.ones(R, len(sal), dtype=torch.bool)]
     if cgb:
         up = salient_split(T[:, sal])

@@ -27,12 +27,13 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("cgb", [True, False])
+@pytest.mark.parametrize("cgb,split_on", [(True, "t"), (False, "t"), (True, "w")])
 @pytest.mark.parametrize("variant", ["x", "rc"])
-def test_block_matches_reference(block, variant, cgb):
+def test_block_matches_reference(block, variant, cgb, split_on):
     w, d, h = block
-    q, sal, codes = arb_block(w, d, variant, S=h, up_lim=8, iters=6, x_iters=6, cgb=cgb)
-    q_ref, sal_ref = ref.arb_block(w, d, variant, S=h, up_lim=8, iters=6, x_iters=6, cgb=cgb)
+    kw = dict(S=h, up_lim=8, iters=6, x_iters=6, cgb=cgb, split_on=split_on)
+    q, sal, codes = arb_block(w, d, variant, **kw)
+    q_ref, sal_ref = ref.arb_block(w, d, variant, **kw)
     assert sal.tolist() == sal_ref
     assert rel(q, q_ref) < 1e-9
     assert isinstance(codes, ArbCodes)
@@ -85,6 +86,8 @@ def test_block_rejects_bad_arguments(block):
         arb_block(w, d, "xrc", S=h)
     with pytest.raises(ValueError, match="Hessian"):
         arb_block(w, d, "x")
+    with pytest.raises(ValueError, match="split_on"):
+        arb_block(w, d, "rc", split_on="T")
 
 
 def groups(shape=(2, 64, 48), seed=1):

@@ -25,6 +25,7 @@ from .saliency import chunk_elems, select_salient
 from .split_search import sorted_quantiles, split_errors
 
 VARIANTS = ("x", "rc")
+SPLIT_ON = ("t", "w")  # what the CGB split searches run on: T = w^2/d^2 (authors) or w
 ITERS = 15  # the authors' ARB iterations and ARB-X refinement iterations
 LEVELS = torch.linspace(0.10, 0.90, 81)  # split threshold candidates: quantiles of |T|
 EPS_ARB, EPS_X = 1e-8, 1e-10  # the authors' denominator guards
@@ -297,21 +298,25 @@ def plain_split(t: torch.Tensor, sal: torch.Tensor, S: Optional[torch.Tensor] = 
 
 def arb_block(w: torch.Tensor, d: torch.Tensor, variant: str, S: Optional[torch.Tensor] = None,
               up_lim: int = 50, salient_metric: str = "l1", iters: int = ITERS,
-              x_iters: int = ITERS, cgb: bool = True):
+              x_iters: int = ITERS, cgb: bool = True, split_on: str = "t"):
     """Quantize one GPTQ block ``w`` ``(R, C)`` given ``d = diag(U)`` of its columns ``(C,)``.
 
     variant ``x`` needs ``S`` ``(C, C)``: the block's part of the calibration Hessian (any positive
     multiple of ``X^T X``, undamped). ``cgb=False`` keeps the salient entries in one group.
+    ``split_on``: ``t`` searches both CGB splits on ``T = w^2/d^2`` (the authors' ``hessian``
+    setting), ``w`` on ``w`` itself (as our ``billm`` does; an ablation).
     Returns ``(q (R, C), salient indices (k,), ArbCodes)``."""
     if variant not in VARIANTS:
         raise ValueError(f"ARB-LLM variant={variant!r} is not one of {list(VARIANTS)}")
+    if split_on not in SPLIT_ON:
+        raise ValueError(f"ARB-LLM split_on={split_on!r} is not one of {list(SPLIT_ON)}")
     if variant == "x" and S is None:
         raise ValueError("ARB-LLM_X needs the block of the calibration Hessian S (C, C)")
     R, C = w.shape
     sal = select_salient(w, d, salient_metric, up_lim)
     plain = torch.ones(C, dtype=torch.bool, device=w.device)
     plain[sal] = False
-    t = w.square() / d.square()[None, :]
+    t = w.square() / d.square()[None, :] if split_on == "t" else w
     sal_upper = salient_split(t[:, sal]) if cgb else None
     upper = plain_split(t, sal, S if variant == "x" else None, iters)
     ws, wn = w[:, sal], w[:, plain]
