@@ -45,20 +45,23 @@ MUTANTS = [
          "        hidden = fp_next\n        layer.to(\"cpu\")\n        record["),
     ], ["tests/test_sequential.py", "tests/test_pipeline.py"]),
     Mutant("ignored run key (results.py)", [
-        ("hbllm/results.py", 'if old.get("key") == key:', "if True:"),
+        ("hbllm/results.py", 'old if old.get("key") == key else {}', "old"),
     ], ["tests/test_app.py::test_changed_config_with_resume_on_starts_over"]),
     Mutant("ignored resume=false (results.py)", [
-        ("hbllm/results.py", "if resume and self.path.exists():", "if self.path.exists():"),
+        ("hbllm/results.py", "read_json(self.path) if resume else {}", "read_json(self.path)"),
     ], ["tests/test_app.py::test_resume_false_with_the_same_config_starts_over"]),
-    Mutant("dropped salient residual (quant/layouts.py)", [
-        ("hbllm/quant/layouts.py", "    q[:, sal] += corr\n", ""),
+    Mutant("dropped salient residual (quant/hbllm.py)", [
+        ("hbllm/quant/hbllm.py", "    q[:, sal] += corr\n", ""),
     ], ["tests/test_quant_gptq.py", "tests/test_quant_reference.py"]),
-    Mutant("negated block (quant/gptq.py)", [
-        ("hbllm/quant/gptq.py", "        W[:, s:e] = q\n", "        W[:, s:e] = -q\n"),
+    Mutant("negated block (quant/block_loop.py)", [
+        ("hbllm/quant/block_loop.py", "        W[:, s:e] = q\n", "        W[:, s:e] = -q\n"),
     ], ["tests/test_quant_gptq.py", "tests/test_quant_reference.py"]),
-    Mutant("compensation of the wrong sign (quant/gptq.py)", [
-        ("hbllm/quant/gptq.py", "W[:, e:] -= err @ U[s:e, e:]", "W[:, e:] += err @ U[s:e, e:]"),
+    Mutant("compensation of the wrong sign (quant/block_loop.py)", [
+        ("hbllm/quant/block_loop.py", "W[:, e:] -= err @ U[s:e, e:]", "W[:, e:] += err @ U[s:e, e:]"),
     ], ["tests/test_quant_gptq.py", "tests/test_quant_reference.py"]),
+    Mutant("no update inside a GPTQ block (quant/gptq.py)", [
+        ("hbllm/quant/gptq.py", "            W1[:, i:] -= torch.outer(e, U1[i, i:])\n", ""),
+    ], ["tests/test_quant_rtn_gptq.py"]),
 ]
 
 IGNORE = shutil.ignore_patterns(".git", "outputs", "multirun", "wandb", "__pycache__",
