@@ -372,13 +372,20 @@ class ArbBlockCodes:
 
 def arbllm_block(variant: str):
     """The block quantizer of ARB-LLM ``variant``: ``(w (R, C), d (C,), cfg, S (C, C)) -> (q, codes)``
-    with ``S`` the block's slice of the undamped Hessian (used by ``x`` only)."""
+    with ``S`` the block's slice of the undamped Hessian (used by ``x`` only). The block is
+    quantized divided by ``2^floor(log2 max|w|)`` (exact) and its per-row statistics multiplied
+    back, so the authors' absolute denominator guards (``EPS_ARB``) act at unit scale and the
+    result is exactly equivariant to power-of-two scales of the weight (ARB-RC's column-scale
+    update divides by sums of squared row scales, which the guard swamps for |w| ~ 1e-5)."""
 
     def block(w: torch.Tensor, d: torch.Tensor, cfg, S: torch.Tensor):
         x_iters = cfg.arb_x_iters if variant == "x" else ITERS
-        _, sal, codes = arb_block(w, d, variant, S if variant == "x" else None, cfg.up_lim,
+        exp = torch.floor(torch.log2(w.abs().amax()))
+        s = torch.where(torch.isfinite(exp), torch.exp2(exp), torch.ones_like(exp))
+        _, sal, codes = arb_block(w / s, d, variant, S if variant == "x" else None, cfg.up_lim,
                                   cfg.salient_metric, cfg.arb_iters, x_iters, cfg.cgb,
                                   cfg.arb_split_on)
+        codes = codes._replace(sal_row=codes.sal_row * s, row=codes.row * s)
         out = ArbBlockCodes(sal, codes, w.shape[1], cfg.blocksize)
         return out.dequantize(), out
 
