@@ -37,8 +37,8 @@ class QuantConfig:
     """How one linear layer is quantized (docs/quantizers.md). Also the Hydra ``quant`` group.
 
     method: a registered method (hbllm | billm | sign | rtn | gptq | pbllm | arbllm_x | arbllm_rc
-    | none; see :mod:`hbllm.quant.registry`). Shared: blocksize (GPTQ block width in columns), percdamp
-    (damping as a fraction of mean(diag H)), disable_gptq (no compensation, block methods).
+    | none; see :mod:`hbllm.quant.registry`). Shared: blocksize (GPTQ block width in columns),
+    percdamp (damping as a fraction of mean(diag H)), disable_gptq (no compensation, block methods).
     HBLLM/BiLLM: layout row | col (HBLLM), partition row | global, shared_mean, up_lim (salient
     candidates per block, k < up_lim), haar_inverse exact | authors.
     Method-specific fields, empty (None) = the method's default, an error for other methods:

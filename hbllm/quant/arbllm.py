@@ -371,8 +371,8 @@ class ArbBlockCodes:
 
 
 def arbllm_block(variant: str):
-    """The block quantizer of ARB-LLM ``variant``: ``(w (R, C), d (C,), cfg, S (C, C)) -> (q, codes)``
-    with ``S`` the block's slice of the undamped Hessian (used by ``x`` only). The block is
+    """The block quantizer of ARB-LLM ``variant``: ``(w (R, C), d (C,), cfg, S (C, C)) -> (q,
+    codes)`` with ``S`` the block's slice of the undamped Hessian (used by ``x`` only). The block is
     quantized divided by ``2^floor(log2 max|w|)`` (exact) and its per-row statistics multiplied
     back, so the authors' absolute denominator guards (``EPS_ARB``) act at unit scale and the
     result is exactly equivariant to power-of-two scales of the weight (ARB-RC's column-scale
@@ -403,11 +403,12 @@ def arbllm_bits(variant: str):
 
 
 def arbllm_label(cfg) -> str:
-    """``arbllm_x`` / ``arbllm_rc`` at the defaults, else with ``_nocgb``, ``_splitw``, ``_i<iters>``,
-    ``_xi<x iters>``, ``_<salient metric>`` for the fields that differ."""
+    """``arbllm_x`` / ``arbllm_rc`` at the defaults, else with ``_nocgb``, ``_splitw``,
+    ``_i<iters>``, ``_xi<x iters>``, ``_<salient metric>`` for the fields that differ."""
     if at_defaults(cfg):
         return cfg.method
-    return (cfg.method + ("" if cfg.cgb else "_nocgb") + ("_splitw" if cfg.arb_split_on == "w" else "")
+    return (cfg.method + ("" if cfg.cgb else "_nocgb")
+            + ("_splitw" if cfg.arb_split_on == "w" else "")
             + (f"_i{cfg.arb_iters}" if cfg.arb_iters != ITERS else "")
             + (f"_xi{cfg.arb_x_iters}" if cfg.arb_x_iters not in (None, ITERS) else "")
             + (f"_{cfg.salient_metric}" if cfg.salient_metric != "l1" else ""))
@@ -415,12 +416,14 @@ def arbllm_label(cfg) -> str:
 
 def check_arbllm(cfg) -> None:
     if cfg.salient_metric not in SALIENT_METRICS:
-        raise ValueError(f"quant.salient_metric={cfg.salient_metric!r} is not one of {list(SALIENT_METRICS)}")
+        raise ValueError(f"quant.salient_metric={cfg.salient_metric!r} is not one of "
+                         f"{list(SALIENT_METRICS)}")
     if not isinstance(cfg.up_lim, int) or cfg.up_lim < 2:
         raise ValueError(f"quant.up_lim={cfg.up_lim!r} must be an integer >= 2")
     for name in ("arb_iters", "arb_x_iters"):
         value = getattr(cfg, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        bad = isinstance(value, bool) or not isinstance(value, int) or value < 0
+        if value is not None and bad:
             raise ValueError(f"quant.{name}={value!r} must be an integer >= 0")
     if not isinstance(cfg.cgb, bool):
         raise ValueError(f"quant.cgb={cfg.cgb!r} must be true or false")

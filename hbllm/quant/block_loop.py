@@ -68,8 +68,8 @@ def _check(weight: torch.Tensor, hessian: torch.Tensor, cfg) -> None:
 
 def quantize_block(w: torch.Tensor, d: torch.Tensor, cfg, S: Optional[torch.Tensor] = None):
     """Quantize one block ``w`` ``(R, C)`` with the block quantizer of ``cfg.method`` given
-    ``d = diag(U)`` of its columns ``(C,)`` and, for methods with ``block_hessian``, ``S`` ``(C, C)``
-    the block's slice of the undamped Hessian. Returns ``(q, codes)``."""
+    ``d = diag(U)`` of its columns ``(C,)`` and, for methods with ``block_hessian``, ``S``
+    ``(C, C)`` the block's slice of the undamped Hessian. Returns ``(q, codes)``."""
     if not cfg.spec.block_hessian:
         return cfg.spec.block(w, d, cfg)
     if S is None:
@@ -85,8 +85,9 @@ SCALED_FIELDS = ("q", "mean", "scale", "sal_row", "row")
 
 
 def unit_scale_block(block: BlockQuantizer, w: torch.Tensor, d: torch.Tensor, cfg, *extra):
-    """``block`` on ``w / s`` (``extra``: its further arguments, passed on), its result times ``s``, with ``s = 2^floor(log2 max|w|)`` for
-    blocks of extreme magnitude and 1 otherwise (no host sync). The block quantizers are
+    """``block`` on ``w / s`` (``extra``: its further arguments, passed on), its result times
+    ``s``, with ``s = 2^floor(log2 max|w|)`` for blocks of extreme magnitude and 1 otherwise (no
+    host sync). The block quantizers are
     scale-equivariant, so this changes nothing but overflow (|w| > ~1e19 gave all-NaN) and
     underflow. Returns ``(q, codes)`` in the weight's scale."""
     amax = w.abs().amax()

@@ -59,7 +59,8 @@ class Method:
     left set is an error.  check(cfg): raise ValueError for invalid field values or combinations.
     check_shape(rows, cols, cfg): raise ValueError for weights the method cannot quantize.
     block_hessian: the block quantizer also takes ``S = H[s:e, s:e]`` ``(C, C)``, its block's slice
-    of the raw (undamped) Hessian.  label(cfg): the display name.  packable: packed checkpoints (docs/packed.md) support it.
+    of the raw (undamped) Hessian.  label(cfg): the display name.  packable: packed checkpoints
+    (docs/packed.md) support it.
     quantizes: False only for the full-precision pass-through.
     """
 
