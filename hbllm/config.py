@@ -36,15 +36,18 @@ def _positive(name: str, value, allow_none: bool = False) -> None:
 class QuantConfig:
     """How one linear layer is quantized (docs/quantizers.md). Also the Hydra ``quant`` group.
 
-    method: a registered method (hbllm | billm | sign | rtn | gptq | pbllm | none; see
-    :mod:`hbllm.quant.registry`). Shared: blocksize (GPTQ block width in columns), percdamp
-    (damping as a fraction of mean(diag H)), disable_gptq (no compensation, block methods).
+    method: a registered method (hbllm | billm | sign | rtn | gptq | pbllm | arbllm_x | arbllm_rc
+    | none; see :mod:`hbllm.quant.registry`). Shared: blocksize (GPTQ block width in columns),
+    percdamp (damping as a fraction of mean(diag H)), disable_gptq (no compensation, block methods).
     HBLLM/BiLLM: layout row | col (HBLLM), partition row | global, shared_mean, up_lim (salient
     candidates per block, k < up_lim), haar_inverse exact | authors.
     Method-specific fields, empty (None) = the method's default, an error for other methods:
     salient_metric (hbllm l2, billm l1: l2 | l1 | magnitude; pbllm hessian | magnitude);
     wbits, groupsize (-1 = one grid per row) for rtn and gptq; sym, act_order, static_groups
-    for gptq; low_frac (binarized fraction), high_bit, groupsize for pbllm.
+    for gptq; low_frac (binarized fraction), high_bit, groupsize for pbllm; for arbllm_x and
+    arbllm_rc (docs/arbllm.md) salient_metric l1, arb_iters (ARB iterations, 15), cgb (column-group
+    bitmap, true), arb_split_on (t: CGB splits on W^2/d^2, the authors'; w: on W), and for
+    arbllm_x arb_x_iters (ARB-X refinement iterations, 15).
     MoE (every method): skip: glob patterns on weight names inside a decoder layer
     (``mlp.gate``, ``*.experts.*``) left in full precision on purpose; quantize_routers:
     quantize MoE router weights too (default: full precision); expert_min_tokens: an MoE expert
@@ -68,6 +71,10 @@ class QuantConfig:
     static_groups: Optional[bool] = None
     low_frac: Optional[float] = None
     high_bit: Optional[int] = None
+    arb_iters: Optional[int] = None
+    arb_x_iters: Optional[int] = None
+    cgb: Optional[bool] = None
+    arb_split_on: Optional[str] = None
     skip: List[str] = field(default_factory=list)
     quantize_routers: bool = False
     expert_min_tokens: int = 16

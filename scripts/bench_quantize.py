@@ -44,6 +44,8 @@ METHODS = {
     "gptq_w3g128": dict(method="gptq", wbits=3, groupsize=128),
     "gptq_w3g128_act": dict(method="gptq", wbits=3, groupsize=128, act_order=True),
     "pbllm": dict(method="pbllm"),
+    "arbllm_x": dict(method="arbllm_x"),
+    "arbllm_rc": dict(method="arbllm_rc"),
 }
 
 

@@ -35,6 +35,13 @@ def hand_bits(cfg, R: int, C: int, k: int) -> tuple:
         return R * (C - k) + R * k, 2 * R * (C - k) + 2 * (R // 2) * S + residual
     if cfg.method == "billm":
         return R * (C - k) + 2 * R * k, 2 * R * (C - k) + 64 * R + 2 * R * k + 64 * R + k * I
+    if cfg.method.startswith("arbllm"):  # docs/arbllm.md: signs, CGB bits, indices, fp16 stats
+        n, G = C - k, 2 if cfg.cgb else 1
+        paper = R * n + 2 * R * k
+        member = R * n + (R * k if cfg.cgb else 0)
+        stats = (2 * 2 * R + G * 3 * R if cfg.method == "arbllm_x"  # (mean, alpha) / (mean, a0, a1)
+                 else 2 * (R + n) + G * 2 * (R + k))  # rc: row scales and column scales per group
+        return paper, paper + member + k * I + FP * stats
     assert cfg.method == "sign" and k == 0
     return R * C, R * C + 32 * R
 
@@ -44,7 +51,8 @@ def code_bits(codes, index_bits: int) -> int:
     mean and scale, ``index_bits`` per salient column index; ``q`` (the dequantized values,
     rebuilt from the rest) and the block's start/end are not stored."""
     per_entry = {"sign": 1, "upper": 1, "mean": FP, "scale": FP, "salient_idx": index_bits,
-                 "salient": index_bits}
+                 "salient": index_bits, "sal_sign": 1, "sal_upper": 1,  # ARB-LLM's ArbCodes
+                 "sal_row": FP, "row": FP, "sal_col": FP, "col": FP}
     if torch.is_tensor(codes):
         raise AssertionError("a bare tensor in the codes: name it in code_bits")
     if isinstance(codes, dict):
@@ -61,7 +69,9 @@ def code_bits(codes, index_bits: int) -> int:
     for name, value in items:
         if name in ("start", "end", "q"):
             continue
-        if isinstance(value, (str, int, float)):  # layout, Haar constant, blocksize: config
+        if value is None:  # an ArbCodes part the variant does not have
+            continue
+        if isinstance(value, (str, int, float)):  # layout, Haar constant, blocksize, width: config
             continue
         if torch.is_tensor(value):
             assert name in per_entry, f"unknown code field {name!r}: count it in code_bits"
@@ -79,6 +89,10 @@ METHODS = {
                                     partition="global"),
     "billm": dict(method="billm"),
     "sign": dict(method="sign"),
+    "arbllm_x": dict(method="arbllm_x"),
+    "arbllm_rc": dict(method="arbllm_rc"),
+    "arbllm_x_nocgb": dict(method="arbllm_x", cgb=False),
+    "arbllm_rc_nocgb": dict(method="arbllm_rc", cgb=False),
 }
 
 

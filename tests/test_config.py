@@ -108,7 +108,7 @@ def test_required_models_and_quant_presets_exist():
               "tiny-llama", "tiny-opt"]:
         assert m in models
     assert set(options("quant")) >= {"fp16", "sign", "billm", "hbllm_row", "hbllm_col",
-                                     "hbllm_row_shared", "hbllm_col_shared"}
+                                     "hbllm_row_shared", "hbllm_col_shared", "arbllm_x", "arbllm_rc"}
     assert set(options("calib")) == {"c4", "wikitext2", "ptb", "wiki_sample", "text_files"}
 
 

@@ -27,11 +27,11 @@ PRESETS = {
     "ablation_blocksize": ("quant.blocksize", [64, 128, 256]),
     "ablation_calib": ("calib", ["c4", "wikitext2", "ptb"]),
     "methods": ("quant", ["fp16", "sign", "billm", "hbllm_row", "hbllm_col", "rtn_w3g128",
-                          "gptq_w3g128", "pbllm"]),
+                          "gptq_w3g128", "pbllm", "arbllm_x", "arbllm_rc"]),
     "frontier": ("quant", ["fp16", "rtn_w2g128", "rtn_w3g128", "rtn_w4g128", "gptq_w2g128",
                            "gptq_w3g128", "gptq_w4g128", "pbllm_lf95", "pbllm", "pbllm_lf80",
                            "pbllm_lf70", "billm_b64", "billm", "billm_b256", "hbllm_row_b64",
-                           "hbllm_row", "hbllm_row_b256"]),
+                           "hbllm_row", "hbllm_row_b256", "arbllm_x", "arbllm_rc"]),
     "seeds": ("seed", [0, 1, 2, 3, 4]),
     "gemma3_study": ("quant", ["fp16", "hbllm_row", "billm", "sign", "hbllm_col",
                                "hbllm_row_shared", "hbllm_col_shared"]),
@@ -109,7 +109,8 @@ def test_method_comparison_names_and_layouts():
         got[rc.quant.label] = (rc.quant.method, rc.quant.layout)
     assert got == {"fp16": ("none", "row"), "sign": ("sign", "row"), "billm": ("billm", "row"),
                    "hbllm_row": ("hbllm", "row"), "hbllm_col": ("hbllm", "col"),
-                   "rtn_w3g128": ("rtn", "row"), "gptq_w3g128": ("gptq", "row"), "pbllm": ("pbllm", "row")}
+                   "rtn_w3g128": ("rtn", "row"), "gptq_w3g128": ("gptq", "row"), "pbllm": ("pbllm", "row"),
+                   "arbllm_x": ("arbllm_x", "row"), "arbllm_rc": ("arbllm_rc", "row")}
 
 
 @pytest.mark.parametrize("launcher,constraint,gpus", [

@@ -162,3 +162,31 @@ def test_x_refinement_lowers_the_calibration_weighted_error(order):
     errs = [xerr(*refine_x(x, m, mu, al, planes, S, i)) if i else xerr(mu, al) for i in range(7)]
     assert all(b <= a * (1 + 1e-12) for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < 0.99 * errs[0]
+
+
+@pytest.mark.parametrize("method,variant", [("arbllm_x", "x"), ("arbllm_rc", "rc")])
+def test_registry_method_is_arb_block_under_the_gptq_loop(method, variant):
+    """quantize_weight(method) is arb_block over blocks of 16 columns, each given its slice of the
+    raw Hessian and the config's fields, its error compensated on the later columns (a loop
+    written out here, with the same exact power-of-two normalization of each block)."""
+    from hbllm.config import QuantConfig
+    from hbllm.quant import quantize_weight
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 32, generator=g)
+    x = torch.randn(128, 32, generator=g) @ (torch.eye(32) + 0.3 * torch.randn(32, 32, generator=g))
+    h = 2 / 128 * x.T @ x
+    cfg = QuantConfig(method=method, blocksize=16, up_lim=8, arb_iters=4, arb_split_on="w", cgb=False)
+    got = quantize_weight(w, h, cfg).weight
+    U, _ = upper_inverse_cholesky(h, 0.01)
+    W = w.clone()
+    for s in (0, 16):
+        e = s + 16
+        unit = 2 ** torch.floor(torch.log2(W[:, s:e].abs().amax()))
+        q, _, _ = arb_block(W[:, s:e] / unit, U.diagonal()[s:e], variant, S=h[s:e, s:e], up_lim=8,
+                            iters=4, x_iters=15, cgb=False, split_on="w")
+        q = q * unit
+        err = (W[:, s:e] - q) / U.diagonal()[s:e]
+        W[:, s:e] = q
+        W[:, e:] -= err @ U[s:e, e:]
+    assert torch.equal(got, W)

@@ -13,11 +13,14 @@ from conftest import compose
 
 EVERY_METHOD = [dict(method="hbllm"), dict(method="hbllm", layout="col", shared_mean=True),
                 dict(method="billm"), dict(method="sign"), dict(method="rtn", wbits=2, groupsize=32),
-                dict(method="gptq", wbits=3, groupsize=32, act_order=True), dict(method="pbllm")]
+                dict(method="gptq", wbits=3, groupsize=32, act_order=True), dict(method="pbllm"),
+                dict(method="arbllm_x"), dict(method="arbllm_rc"),
+                dict(method="arbllm_x", cgb=False, arb_split_on="w", arb_iters=2, arb_x_iters=3)]
 
 
 def test_every_method_is_registered():
-    assert set(method_names()) >= {"none", "hbllm", "billm", "sign", "rtn", "gptq", "pbllm"}
+    assert set(method_names()) >= {"none", "hbllm", "billm", "sign", "rtn", "gptq", "pbllm", "arbllm_x",
+                                   "arbllm_rc"}
     assert [m for m in method_names() if get_method(m).packable] == ["hbllm"]
     with pytest.raises(ValueError, match="quant.method='ternary' is not one of"):
         QuantConfig(method="ternary")
@@ -41,6 +44,11 @@ def test_method_defaults_and_fields():
     assert (gptq.wbits, gptq.groupsize, gptq.sym, gptq.act_order, gptq.static_groups) == (4, -1, False, False, False)
     assert QuantConfig(method="hbllm").wbits is None
     assert (QuantConfig(method="pbllm").low_frac, QuantConfig(method="pbllm").high_bit) == (0.9, 8)
+    x, rc = QuantConfig(method="arbllm_x"), QuantConfig(method="arbllm_rc")
+    fields = lambda c: (c.salient_metric, c.arb_iters, c.arb_x_iters, c.cgb, c.arb_split_on)  # noqa: E731
+    assert fields(x) == ("l1", 15, 15, True, "t") and fields(rc) == ("l1", 15, None, True, "t")
+    assert (x.label, rc.label) == ("arbllm_x", "arbllm_rc")
+    assert QuantConfig(method="arbllm_x", cgb=False, arb_split_on="w").label == "arbllm_x_nocgb_splitw"
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -56,6 +64,12 @@ def test_method_defaults_and_fields():
     (dict(method="pbllm", salient_metric="l2"), "not one of .*hessian"),
     (dict(method="billm", salient_metric="hessian"), "not one of .*l1"),
     (dict(method="hbllm", blocksize=7), "blocksize=7 must be even"),
+    (dict(method="arbllm_rc", arb_x_iters=3), "quant.arb_x_iters=3 does not apply to quant.method=arbllm_rc"),
+    (dict(method="billm", cgb=False), "quant.cgb=False does not apply to quant.method=billm"),
+    (dict(method="arbllm_x", arb_iters=-1), "quant.arb_iters=-1 must be an integer >= 0"),
+    (dict(method="arbllm_x", arb_split_on="h"), "quant.arb_split_on='h' is not one of"),
+    (dict(method="arbllm_rc", cgb="yes"), "quant.cgb='yes' must be true or false"),
+    (dict(method="arbllm_x", salient_metric="hessian"), "not one of .*l1"),
 ])
 def test_invalid_fields_fail_at_construction(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -111,8 +125,37 @@ def test_a_method_is_one_registration():
         registry._METHODS.pop("toy_sign")
 
 
-@pytest.mark.parametrize("quant", [["quant=rtn", "quant.wbits=3"], ["quant=gptq_w3g128"], ["quant=pbllm"]])
-def test_new_methods_run_end_to_end_on_a_tiny_model(tmp_path, quant):
+def test_a_block_quantizer_can_ask_for_its_hessian_block():
+    """With block_hessian=True the block loop passes each block its slice of the raw (undamped)
+    Hessian as S, and quantize_block asks for it."""
+    seen = []
+
+    def block(w, d, cfg, S):
+        seen.append(S.clone())
+        codes = HalfCodes(torch.sign(w), w.abs().mean(1, keepdim=True))
+        return codes.dequantize(), codes
+
+    registry.register(Method("toy_s", lambda cfg: "toy_s", lambda cfg, c: (c.sign.numel(), c.stored_bits()),
+                             block=block, block_hessian=True))
+    try:
+        cfg = QuantConfig(method="toy_s", blocksize=16)
+        g = torch.Generator().manual_seed(0)
+        w, x = torch.randn(4, 40, generator=g), torch.randn(64, 40, generator=g)
+        h = 2 / 64 * x.T @ x
+        quantize_weight(w, h, cfg)
+        assert [tuple(s.shape) for s in seen] == [(16, 16), (16, 16), (8, 8)]
+        assert all(torch.equal(s, h[i:i + 16, i:i + 16]) for s, i in zip(seen, (0, 16, 32)))
+        from hbllm.quant import quantize_block
+        with pytest.raises(ValueError, match="needs S"):
+            quantize_block(w[:, :16], torch.ones(16), cfg)
+    finally:
+        registry._METHODS.pop("toy_s")
+
+
+@pytest.mark.parametrize("quant,paper_bits", [(["quant=rtn", "quant.wbits=3"], (1.5, 16)),
+                                              (["quant=gptq_w3g128"], (1.5, 16)), (["quant=pbllm"], (1.5, 16)),
+                                              (["quant=arbllm_x"], (1, 2)), (["quant=arbllm_rc"], (1, 2))])
+def test_new_methods_run_end_to_end_on_a_tiny_model(tmp_path, quant, paper_bits):
     from conftest import REPO
     from hbllm import app
 
@@ -123,5 +166,7 @@ def test_new_methods_run_end_to_end_on_a_tiny_model(tmp_path, quant):
                               f"data.eval_files={files(sources[1::2])}", "eval.seqlen=64",
                               "eval.max_windows=2", "logger=disabled"), tmp_path)
     assert results["status"] == "done"
-    assert results["bits"]["full"] > results["bits"]["paper"] > 1.5
+    low, high = paper_bits
+    assert results["bits"]["full"] > results["bits"]["paper"]
+    assert low < results["bits"]["paper"] < high
     assert results["ppl"]["text_files"] > 1

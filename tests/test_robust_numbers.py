@@ -20,7 +20,9 @@ def _problem(seed=0, rows=16, cols=128):
 
 @pytest.mark.parametrize("cfg", [QuantConfig(blocksize=64), QuantConfig(layout="col", blocksize=64),
                                  QuantConfig(partition="global", blocksize=64),
-                                 QuantConfig(method="billm", blocksize=64), QuantConfig(method="sign")],
+                                 QuantConfig(method="billm", blocksize=64), QuantConfig(method="sign"),
+                                 QuantConfig(method="arbllm_x", blocksize=64),
+                                 QuantConfig(method="arbllm_rc", blocksize=64)],
                          ids=lambda c: f"{c.label}-{c.partition}")
 @pytest.mark.parametrize("k", [63, 100, 125, -100])
 def test_quantizers_are_scale_equivariant_up_to_the_fp32_range(cfg, k):
@@ -29,6 +31,17 @@ def test_quantizers_are_scale_equivariant_up_to_the_fp32_range(cfg, k):
     got = quantize_weight(W * 2.0 ** k, H, cfg).weight  # |W| up to ~1e38 (k=125)
     assert torch.isfinite(got).all()
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("method", ["arbllm_x", "arbllm_rc"])
+@pytest.mark.parametrize("k", [1, -18])
+def test_arbllm_is_scale_equivariant_inside_the_unit_range(method, k):
+    """No unit scaling by the block loop here (|W| ~ 2^-18 is inside its range): ARB-LLM's block
+    quantizer works at unit scale itself, so its absolute denominator guards change nothing."""
+    W, H = _problem()
+    cfg = QuantConfig(method=method, blocksize=64)
+    want = quantize_weight(W, H, cfg).weight * 2.0 ** k
+    assert torch.equal(quantize_weight(W * 2.0 ** k, H, cfg).weight, want)
 
 
 def test_extreme_blocks_return_codes_in_the_weight_scale():

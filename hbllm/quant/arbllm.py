@@ -15,12 +15,14 @@ Everything is batched over rows, groups and split thresholds; only the few itera
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 
 from .binarize import binarize, binarize2
 from .bits import FP_BITS, index_bits
+from .registry import at_defaults
 from .saliency import chunk_elems, select_salient
 from .split_search import sorted_quantiles, split_errors
 
@@ -343,3 +345,87 @@ def arb_block(w: torch.Tensor, d: torch.Tensor, variant: str, S: Optional[torch.
     codes = ArbCodes(sal_upper, torch.stack([b.sum(0) for b in b_s]).to(torch.int8), upper,
                      b_n.sum(0).to(torch.int8), sal_row, row, sal_col, col)
     return q, sal, codes
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry's methods arbllm_x and arbllm_rc (hbllm/quant/methods.py).
+
+SALIENT_METRICS = ("l2", "l1", "magnitude")
+
+
+@dataclass
+class ArbBlockCodes:
+    """One block's codes for the registry: ``salient`` (k,) column indices, ``arb`` the
+    :class:`ArbCodes`, ``cols`` the block width, ``blocksize`` (for the index bits)."""
+
+    salient: torch.Tensor
+    arb: ArbCodes
+    cols: int
+    blocksize: int
+
+    def dequantize(self) -> torch.Tensor:
+        return self.arb.dequantize(self.salient, self.cols)
+
+    def stored_bits(self) -> int:
+        return self.arb.stored_bits(self.blocksize)
+
+
+def arbllm_block(variant: str):
+    """The block quantizer of ARB-LLM ``variant``: ``(w (R, C), d (C,), cfg, S (C, C)) -> (q,
+    codes)`` with ``S`` the block's slice of the undamped Hessian (used by ``x`` only). The block is
+    quantized divided by ``2^floor(log2 max|w|)`` (exact) and its per-row statistics multiplied
+    back, so the authors' absolute denominator guards (``EPS_ARB``) act at unit scale and the
+    result is exactly equivariant to power-of-two scales of the weight (ARB-RC's column-scale
+    update divides by sums of squared row scales, which the guard swamps for |w| ~ 1e-5)."""
+
+    def block(w: torch.Tensor, d: torch.Tensor, cfg, S: torch.Tensor):
+        x_iters = cfg.arb_x_iters if variant == "x" else ITERS
+        exp = torch.floor(torch.log2(w.abs().amax()))
+        s = torch.where(torch.isfinite(exp), torch.exp2(exp), torch.ones_like(exp))
+        _, sal, codes = arb_block(w / s, d, variant, S if variant == "x" else None, cfg.up_lim,
+                                  cfg.salient_metric, cfg.arb_iters, x_iters, cfg.cgb,
+                                  cfg.arb_split_on)
+        codes = codes._replace(sal_row=codes.sal_row * s, row=codes.row * s)
+        out = ArbBlockCodes(sal, codes, w.shape[1], cfg.blocksize)
+        return out.dequantize(), out
+
+    return block
+
+
+def arbllm_bits(variant: str):
+    """``(cfg, codes) -> (paper, full)`` bits of one block by :func:`arb_bits`."""
+
+    def bits(cfg, codes: ArbBlockCodes) -> tuple[int, int]:
+        return arb_bits(variant, codes.arb.sign.shape[0], codes.cols, codes.salient.numel(),
+                        cfg.blocksize, cfg.cgb)
+
+    return bits
+
+
+def arbllm_label(cfg) -> str:
+    """``arbllm_x`` / ``arbllm_rc`` at the defaults, else with ``_nocgb``, ``_splitw``,
+    ``_i<iters>``, ``_xi<x iters>``, ``_<salient metric>`` for the fields that differ."""
+    if at_defaults(cfg):
+        return cfg.method
+    return (cfg.method + ("" if cfg.cgb else "_nocgb")
+            + ("_splitw" if cfg.arb_split_on == "w" else "")
+            + (f"_i{cfg.arb_iters}" if cfg.arb_iters != ITERS else "")
+            + (f"_xi{cfg.arb_x_iters}" if cfg.arb_x_iters not in (None, ITERS) else "")
+            + (f"_{cfg.salient_metric}" if cfg.salient_metric != "l1" else ""))
+
+
+def check_arbllm(cfg) -> None:
+    if cfg.salient_metric not in SALIENT_METRICS:
+        raise ValueError(f"quant.salient_metric={cfg.salient_metric!r} is not one of "
+                         f"{list(SALIENT_METRICS)}")
+    if not isinstance(cfg.up_lim, int) or cfg.up_lim < 2:
+        raise ValueError(f"quant.up_lim={cfg.up_lim!r} must be an integer >= 2")
+    for name in ("arb_iters", "arb_x_iters"):
+        value = getattr(cfg, name)
+        bad = isinstance(value, bool) or not isinstance(value, int) or value < 0
+        if value is not None and bad:
+            raise ValueError(f"quant.{name}={value!r} must be an integer >= 0")
+    if not isinstance(cfg.cgb, bool):
+        raise ValueError(f"quant.cgb={cfg.cgb!r} must be true or false")
+    if cfg.arb_split_on not in SPLIT_ON:
+        raise ValueError(f"quant.arb_split_on={cfg.arb_split_on!r} is not one of {list(SPLIT_ON)}")

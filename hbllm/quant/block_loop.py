@@ -66,28 +66,35 @@ def _check(weight: torch.Tensor, hessian: torch.Tensor, cfg) -> None:
     cfg.spec.check_shape(rows, cols, cfg)
 
 
-def quantize_block(w: torch.Tensor, d: torch.Tensor, cfg):
+def quantize_block(w: torch.Tensor, d: torch.Tensor, cfg, S: Optional[torch.Tensor] = None):
     """Quantize one block ``w`` ``(R, C)`` with the block quantizer of ``cfg.method`` given
-    ``d = diag(U)`` of its columns ``(C,)``. Returns ``(q, codes)``."""
-    return cfg.spec.block(w, d, cfg)
+    ``d = diag(U)`` of its columns ``(C,)`` and, for methods with ``block_hessian``, ``S``
+    ``(C, C)`` the block's slice of the undamped Hessian. Returns ``(q, codes)``."""
+    if not cfg.spec.block_hessian:
+        return cfg.spec.block(w, d, cfg)
+    if S is None:
+        raise ValueError(f"quant.method={cfg.method} needs S, the block's slice of the Hessian")
+    return cfg.spec.block(w, d, cfg, S)
 
 
 # blocks whose max |w| lies outside [2^-UNIT_RANGE, 2^UNIT_RANGE] are quantized divided by a power
 # of two (exact in floating point), so squares and sums stay finite up to the fp32 range
 UNIT_RANGE = 20
-SCALED_FIELDS = ("q", "mean", "scale")  # the value-carrying fields of the codes' tuples
+# the value-carrying fields of the codes' tuples (sal_row, row: ARB-LLM's per-row statistics)
+SCALED_FIELDS = ("q", "mean", "scale", "sal_row", "row")
 
 
-def unit_scale_block(block: BlockQuantizer, w: torch.Tensor, d: torch.Tensor, cfg):
-    """``block`` on ``w / s``, its result times ``s``, with ``s = 2^floor(log2 max|w|)`` for
-    blocks of extreme magnitude and 1 otherwise (no host sync). The block quantizers are
+def unit_scale_block(block: BlockQuantizer, w: torch.Tensor, d: torch.Tensor, cfg, *extra):
+    """``block`` on ``w / s`` (``extra``: its further arguments, passed on), its result times
+    ``s``, with ``s = 2^floor(log2 max|w|)`` for blocks of extreme magnitude and 1 otherwise (no
+    host sync). The block quantizers are
     scale-equivariant, so this changes nothing but overflow (|w| > ~1e19 gave all-NaN) and
     underflow. Returns ``(q, codes)`` in the weight's scale."""
     amax = w.abs().amax()
     exp = torch.floor(torch.log2(amax))
     extreme = torch.isfinite(exp) & (exp.abs() > UNIT_RANGE)
     s = torch.where(extreme, torch.exp2(exp), torch.ones_like(exp))
-    q, codes = block(w / s, d, cfg)
+    q, codes = block(w / s, d, cfg, *extra)
     return q * s, _rescale_codes(codes, s)
 
 
@@ -104,10 +111,11 @@ def _rescale_codes(codes, s: torch.Tensor):
 
 
 def block_loop(W: torch.Tensor, H: torch.Tensor, block: BlockQuantizer, cfg,
-               progress: bool = False) -> LoopOutput:
+               progress: bool = False, block_hessian: bool = False) -> LoopOutput:
     """Run ``block`` over blocks of ``cfg.blocksize`` columns of ``W`` ``(rows, cols)`` (float32,
     modified in place), compensating each block's error on the later columns (unless
-    ``cfg.disable_gptq``)."""
+    ``cfg.disable_gptq``). ``block_hessian``: pass ``block`` the block's slice ``H[s:e, s:e]`` of
+    the undamped Hessian ``H`` too."""
     rows, cols = W.shape
     U, dead = upper_inverse_cholesky(H, cfg.percdamp)
     W[:, dead] = 0
@@ -116,7 +124,8 @@ def block_loop(W: torch.Tensor, H: torch.Tensor, block: BlockQuantizer, cfg,
     for s in tqdm(range(0, cols, cfg.blocksize), desc="blocks", leave=False, disable=not progress):
         e = min(s + cfg.blocksize, cols)
         d = U.diagonal()[s:e]
-        q, block_codes = unit_scale_block(block, W[:, s:e], d, cfg)
+        extra = (H[s:e, s:e],) if block_hessian else ()
+        q, block_codes = unit_scale_block(block, W[:, s:e], d, cfg, *extra)
         err = (W[:, s:e] - q) / d
         row_loss += err.square().sum(1) / 2
         W[:, s:e] = q
@@ -145,7 +154,7 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, cfg,
     if method.loop is not None:
         out = method.loop(W, H.clone(), cfg)
     else:
-        out = block_loop(W, H, method.block, cfg, progress)
+        out = block_loop(W, H, method.block, cfg, progress, method.block_hessian)
     bits = [method.bits(cfg, c) for c in out.codes]
     numel = weight.numel()
     return QuantResult(

@@ -1,6 +1,7 @@
 """The registry's entries: one :func:`~hbllm.quant.registry.register` call per method."""
 from __future__ import annotations
 
+from .arbllm import arbllm_bits, arbllm_block, arbllm_label, check_arbllm
 from .billm import billm_bits, billm_block, check_billm
 from .gptq import check_gptq, gptq_label, gptq_loop
 from .hbllm import check_hbllm, check_hbllm_shape, hbllm_bits, hbllm_block, hbllm_label
@@ -25,3 +26,8 @@ register(Method("gptq", gptq_label, uniform_bits, loop=gptq_loop,
 register(Method("pbllm", pbllm_label, pbllm_bits, loop=pbllm_loop,
                 fields={"low_frac": 0.9, "high_bit": 8, "salient_metric": "hessian", "groupsize": -1},
                 check=check_pbllm, check_shape=check_pbllm_shape))
+ARB_FIELDS = {"salient_metric": "l1", "arb_iters": 15, "cgb": True, "arb_split_on": "t"}
+register(Method("arbllm_x", arbllm_label, arbllm_bits("x"), block=arbllm_block("x"),
+                fields={**ARB_FIELDS, "arb_x_iters": 15}, check=check_arbllm, block_hessian=True))
+register(Method("arbllm_rc", arbllm_label, arbllm_bits("rc"), block=arbllm_block("rc"),
+                fields=ARB_FIELDS, check=check_arbllm, block_hessian=True))

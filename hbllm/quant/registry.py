@@ -37,7 +37,8 @@ class LoopOutput(NamedTuple):
     codes: List[Codes]
 
 
-# block quantizer: (w (R, C) float32, d = diag(U) of its columns (C,), cfg) -> (q (R, C), codes)
+# block quantizer: (w (R, C) float32, d = diag(U) of its columns (C,), cfg) -> (q (R, C), codes);
+# with Method.block_hessian, a 4th argument S (C, C): the block's slice of the undamped Hessian
 BlockQuantizer = Callable[[torch.Tensor, torch.Tensor, Any], Tuple[torch.Tensor, Codes]]
 # column loop: (W (R, C) float32 copy, H (C, C) float32 copy, cfg) -> LoopOutput
 ColumnLoop = Callable[[torch.Tensor, torch.Tensor, Any], LoopOutput]
@@ -57,7 +58,9 @@ class Method:
     fields: the method-specific QuantConfig fields it uses and their defaults; any other of them
     left set is an error.  check(cfg): raise ValueError for invalid field values or combinations.
     check_shape(rows, cols, cfg): raise ValueError for weights the method cannot quantize.
-    label(cfg): the display name.  packable: packed checkpoints (docs/packed.md) support it.
+    block_hessian: the block quantizer also takes ``S = H[s:e, s:e]`` ``(C, C)``, its block's slice
+    of the raw (undamped) Hessian.  label(cfg): the display name.  packable: packed checkpoints
+    (docs/packed.md) support it.
     quantizes: False only for the full-precision pass-through.
     """
 
@@ -71,6 +74,7 @@ class Method:
     check_shape: Callable[[int, int, Any], None] = _no_check
     packable: bool = False
     quantizes: bool = True
+    block_hessian: bool = False
 
     def __post_init__(self) -> None:
         if self.quantizes and (self.block is None) == (self.loop is None):
