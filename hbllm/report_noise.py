@@ -19,11 +19,12 @@ def split_keys(keys: Sequence[str]) -> Tuple[List[str], List[str]]:
 
 
 def group_runs(runs: Sequence, keys: Sequence[str], values) -> List[List[int]]:
-    """Indices of ``runs`` grouped by config identity without seed/repeat (and by the values of
-    the non-repeat swept ``keys``: ``values(run, key)``), in order of first appearance."""
+    """Indices of ``runs`` grouped by config identity without seed/repeat, method label and the
+    values of the non-repeat swept ``keys`` (``values(run, key)``), in order of first
+    appearance."""
     groups: Dict[tuple, List[int]] = {}
     for i, run in enumerate(runs):
-        ident = (group_key(run.results.get("config") or {}),
+        ident = (group_key(run.results.get("config") or {}), run.results.get("method"),
                  tuple(str(values(run, k)) for k in keys))
         groups.setdefault(ident, []).append(i)
     return list(groups.values())
