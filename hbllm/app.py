@@ -437,9 +437,9 @@ def _final_summary(results: Dict[str, Any]) -> Dict[str, float]:
     return final
 
 
-# conf/ sits at the repository root (the package is installed editable); an absolute path works
-# both for `python -m hbllm.app` and for the `hbllm` console script.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# The configs ship inside the package (hbllm/conf), so a plain or editable install finds them from
+# any working directory; an absolute path works for `python -m hbllm.app` and the console script.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -1,7 +1,7 @@
 """Structured configs: the one schema shared by the Python API and the Hydra app.
 
 Every dataclass validates itself in ``__post_init__``. Hydra composes the YAML groups in
-``conf/`` onto :class:`RunConfig` (unknown keys and wrong types fail at compose time), and the
+``hbllm/conf/`` onto :class:`RunConfig` (unknown keys and wrong types fail at compose time), and the
 app calls :func:`validate` (``OmegaConf.to_object``), which runs those checks, before any model
 or dataset is touched.
 """
@@ -272,7 +272,7 @@ def check_packable(quant: QuantConfig) -> None:
 def schema():
     """The Hydra schema node of :class:`RunConfig` (a structured DictConfig) with the quant
     group's method-specific fields left empty, so each method's own defaults apply once a
-    ``conf/quant`` preset has chosen the method."""
+    ``hbllm/conf/quant`` preset has chosen the method."""
     from omegaconf import OmegaConf
 
     from .quant.registry import method_fields

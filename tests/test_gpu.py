@@ -36,7 +36,7 @@ PIPELINE_RTOL, OFFLOAD_ATOL = 5e-2, 1e-6
 
 
 def preset(path: Path) -> hbllm.QuantConfig:
-    """A conf/quant preset as the QuantConfig the app builds from it (validated)."""
+    """A hbllm/conf/quant preset as the QuantConfig the app builds from it (validated)."""
     fields = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     fields.pop("defaults", None)
     return hbllm.QuantConfig(**fields)

@@ -10,7 +10,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=offline HF_HUB_OFFLINE=1
 LOG=experiments/gemma3-270m/times.log
 DATA=../shared/data
 
-# The setting of conf/experiment/gemma3_study.yaml, for the ablation presets (which set only quant).
+# The setting of hbllm/conf/experiment/gemma3_study.yaml, for the ablation presets (which set only quant).
 SETTING=(model=gemma3-270m calib=wiki_sample calib.bos=true calib.nsamples=32 calib.seqlen=256
   "eval.datasets=[wikitext2,ptb,wiki_sample]" eval.seqlen=512 eval.max_windows=8 eval.bos=true
   data.local_dir=$DATA data.offline=true logger=offline)
