@@ -1,4 +1,4 @@
-"""The codes of one Haar-binarized linear: what the packed format stores (METHOD.md section 5).
+"""The codes of one Haar-binarized linear: what the packed format stores (docs/method.md section 5).
 
 A *band* is a matrix of binarized coefficients ``value = mean[g] + scale[g] * (+1 | -1)``; each
 entry stores a sign bit and a group-membership bit ``g`` (True: the ``|x| >= t`` group), each row
@@ -85,7 +85,8 @@ class LinearCodes:
 
 
 def dequantize(codes: LinearCodes) -> torch.Tensor:
-    """Reconstruct the (rows, cols) float32 weight from its codes, block by block (METHOD.md 5)."""
+    """Reconstruct the (rows, cols) float32 weight from its codes, block by block
+    (docs/method.md 5)."""
     from ..quant.haar import haar_inverse
 
     bs = codes.blocksize
