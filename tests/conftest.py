@@ -6,6 +6,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Hydra also looks up configs in $HBLLM_CONFIG_DIR (default: the working directory): point it at a
+# folder without configs, so a developer's git-ignored local/default.yaml changes no test.
+os.environ["HBLLM_CONFIG_DIR"] = os.path.join(os.path.dirname(__file__), "data")
 
 from pathlib import Path  # noqa: E402
 
