@@ -16,6 +16,8 @@ from typing import List, Optional
 
 import torch
 
+from ..config import packable_shape
+
 
 @dataclass
 class BandCodes:
@@ -75,11 +77,9 @@ class LinearCodes:
     def __post_init__(self) -> None:
         if self.layout not in ("row", "col"):
             raise ValueError(f"layout={self.layout!r} must be 'row' or 'col'")
-        if self.cols % self.blocksize or self.blocksize % 64:
-            raise ValueError(f"packed format needs blocksize a multiple of 64 dividing cols; got "
-                             f"cols={self.cols}, blocksize={self.blocksize}")
-        if self.rows % 2:
-            raise ValueError(f"packed format needs an even number of rows, got {self.rows}")
+        why = packable_shape(self.rows, self.cols, self.blocksize)
+        if why:
+            raise ValueError(f"the packed format cannot hold this weight: {why}")
         if len(self.blocks) != self.cols // self.blocksize:
             raise ValueError(f"{len(self.blocks)} blocks for cols={self.cols}, blocksize={self.blocksize}")
 
