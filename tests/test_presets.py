@@ -1,5 +1,6 @@
-"""Sweep presets (hbllm/conf/experiment) and launcher presets (hbllm/conf/hydra/launcher) compose, expand to
-the expected jobs through Hydra's own BasicSweeper, and every job is a valid RunConfig."""
+"""Sweep presets (hbllm/conf/experiment) and launcher presets (hbllm/conf/hydra/launcher)
+compose, expand to the expected jobs through Hydra's own BasicSweeper, and every job is a valid
+RunConfig."""
 import copy
 from pathlib import Path
 
