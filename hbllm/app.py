@@ -26,7 +26,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import QuantConfig, RunConfig, schema, validate
+from .config import QuantConfig, RunConfig, packable_shape, schema, validate
 from .results import Results, RunLock, eval_keys, finished, missing_evals, model_key
 
 log = logging.getLogger("hbllm")
@@ -281,7 +281,7 @@ def _check_packable_shapes(model, quant: QuantConfig) -> None:
                          "Use save_model=true for a fake-quantized checkpoint, or pack only the "
                          "dense parts with quant.skip=['*.experts.*'] (docs/moe.md)")
     bad = [f"{n} ({w.module.out_features}x{w.module.in_features})" for n, w in todo
-           if w.module.in_features % quant.blocksize or w.module.out_features % 2]
+           if packable_shape(w.module.out_features, w.module.in_features, quant.blocksize)]
     if bad:
         raise ValueError(f"save_packed=true needs every linear's in_features divisible by "
                          f"quant.blocksize={quant.blocksize} and an even out_features; not: "
@@ -437,9 +437,9 @@ def _final_summary(results: Dict[str, Any]) -> Dict[str, float]:
     return final
 
 
-# conf/ sits at the repository root (the package is installed editable); an absolute path works
-# both for `python -m hbllm.app` and for the `hbllm` console script.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# The configs ship inside the package (hbllm/conf), so a plain or editable install finds them from
+# any working directory; an absolute path works for `python -m hbllm.app` and the console script.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -1,7 +1,7 @@
 """Structured configs: the one schema shared by the Python API and the Hydra app.
 
 Every dataclass validates itself in ``__post_init__``. Hydra composes the YAML groups in
-``conf/`` onto :class:`RunConfig` (unknown keys and wrong types fail at compose time), and the
+``hbllm/conf/`` onto :class:`RunConfig` (unknown keys and wrong types fail at compose time), and the
 app calls :func:`validate` (``OmegaConf.to_object``), which runs those checks, before any model
 or dataset is touched.
 """
@@ -261,7 +261,20 @@ class RunConfig:
             check_packable(self.quant)
 
 
-PACKED_BLOCK_MULTIPLE = 64
+PACKED_BLOCK_MULTIPLE = 64  # the packed format's main sign words: 64 columns of a row
+
+
+def packable_shape(rows: int, cols: int, blocksize: int) -> Optional[str]:
+    """Why a ``(rows, cols)`` weight (out_features, in_features) cannot be packed with GPTQ
+    blocks of ``blocksize`` columns, or None when it can (docs/packed.md). The one statement of
+    the packed format's shape rule: the app checks it before quantizing, the codes on creation."""
+    if blocksize % PACKED_BLOCK_MULTIPLE:
+        return f"blocksize={blocksize} is not a multiple of {PACKED_BLOCK_MULTIPLE}"
+    if cols % blocksize:
+        return f"in_features={cols} is not divisible by blocksize={blocksize}"
+    if rows % 2:
+        return f"out_features={rows} is odd"
+    return None
 
 
 def check_packable(quant: QuantConfig) -> None:
@@ -271,7 +284,7 @@ def check_packable(quant: QuantConfig) -> None:
         raise ValueError(f"save_packed=true needs quant.method=hbllm (the packed format stores "
                          f"Haar-binarized codes); quant.method={quant.method!r} cannot be packed: "
                          "use save_model=true for a fake-quantized checkpoint")
-    if quant.blocksize % PACKED_BLOCK_MULTIPLE:
+    if quant.blocksize % PACKED_BLOCK_MULTIPLE:  # the shape-free part of packable_shape
         raise ValueError(f"save_packed=true needs quant.blocksize a multiple of "
                          f"{PACKED_BLOCK_MULTIPLE}; got {quant.blocksize}")
 
@@ -279,7 +292,7 @@ def check_packable(quant: QuantConfig) -> None:
 def schema():
     """The Hydra schema node of :class:`RunConfig` (a structured DictConfig) with the quant
     group's method-specific fields left empty, so each method's own defaults apply once a
-    ``conf/quant`` preset has chosen the method."""
+    ``hbllm/conf/quant`` preset has chosen the method."""
     from omegaconf import OmegaConf
 
     from .quant.registry import method_fields

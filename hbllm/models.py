@@ -11,6 +11,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
+from . import hub
 from .config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -21,10 +22,6 @@ BYTE_TOKENIZER = "bytes"  # model.tokenizer value: a built-in byte-level tokeniz
 
 class ModelUnavailable(RuntimeError):
     """The model (or tokenizer) cannot be loaded; the message says what to do."""
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def _gguf_as_dir(gguf: Path) -> Path:
@@ -101,8 +98,9 @@ def byte_tokenizer():
 
 
 def _hub_error(what: str, path: str, e: Exception) -> ModelUnavailable:
-    hint = ("the Hugging Face hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache"
-            if _offline() else "it could not be downloaded")
+    offline = hub.offline_setting()
+    hint = (f"the Hugging Face hub is offline ({offline}) and it is not in the local cache"
+            if offline else "it could not be downloaded")
     return ModelUnavailable(f"cannot load {what} {path!r}: {hint}. Give a local directory or a "
                             "GGUF file in model.path, or download it first with "
                             f"`hf download {path}`. ({type(e).__name__}: {e})")
@@ -142,7 +140,7 @@ def load_tokenizer(cfg: ModelConfig):
     if local:
         check_local_dir(path)
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=_offline(),
+        return AutoTokenizer.from_pretrained(path, local_files_only=bool(hub.offline_setting()),
                                              trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         if local:
@@ -168,7 +166,7 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
             check_local_dir(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, local_files_only=_offline(),
+                path, dtype=dtype, local_files_only=bool(hub.offline_setting()),
                 trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as e:
             if local:

@@ -18,7 +18,8 @@ import time
 
 import torch
 
-ARCHS = {  # one decoder layer of each preset (conf/model/*.yaml), widths from the public configs
+# one decoder layer of each preset (hbllm/conf/model/*.yaml), widths from the public configs
+ARCHS = {
     "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336,
                          num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
                          num_experts_per_tok=2),

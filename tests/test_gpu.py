@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import hbllm
 import hbllm.pipeline as pipeline
-from conftest import CONF, tiny
+from conftest import CONF, compose, tiny
+from hbllm.config import validate
 from hbllm.models import find_layers
 from hbllm.pipeline import quantize_model
 
@@ -36,10 +36,9 @@ PIPELINE_RTOL, OFFLOAD_ATOL = 5e-2, 1e-6
 
 
 def preset(path: Path) -> hbllm.QuantConfig:
-    """A conf/quant preset as the QuantConfig the app builds from it (validated)."""
-    fields = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    fields.pop("defaults", None)
-    return hbllm.QuantConfig(**fields)
+    """A hbllm/conf/quant preset as the QuantConfig the app builds from it (composed through its
+    defaults list, validated)."""
+    return validate(compose(f"quant={path.stem}")).quant
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,5 +1,6 @@
-"""Sweep presets (conf/experiment) and launcher presets (conf/hydra/launcher) compose, expand to
-the expected jobs through Hydra's own BasicSweeper, and every job is a valid RunConfig."""
+"""Sweep presets (hbllm/conf/experiment) and launcher presets (hbllm/conf/hydra/launcher)
+compose, expand to the expected jobs through Hydra's own BasicSweeper, and every job is a valid
+RunConfig."""
 import copy
 from pathlib import Path
 
@@ -14,9 +15,8 @@ import hbllm
 import hbllm.app  # noqa: F401  (registers the schema and resolvers)
 from hbllm.config import validate
 
-# the app's config root: inside the package when it ships there, else at the repo root
-CONF = next(p for p in (Path(hbllm.__file__).parent / "conf",
-                        Path(__file__).resolve().parents[1] / "conf") if (p / "config.yaml").exists())
+# the app's config root, inside the package
+CONF = Path(hbllm.__file__).parent / "conf"
 
 # preset -> (swept key, its values in sweep order)
 PRESETS = {

@@ -12,6 +12,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
+from hbllm import hub
 from hbllm.config import ZEROSHOT_TASKS, ZeroShotConfig
 from hbllm.eval import zeroshot
 from hbllm.tasks import local
@@ -180,7 +181,7 @@ def test_missing_data_unreachable_hub_fails_fast(model, tokenizer, monkeypatch):
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", False)
-    assert "unreachable" in zeroshot.hub_offline_reason()
+    assert "unreachable" in hub.offline_reason()
     msg = _assert_fails_fast(model, tokenizer, quick_cfg(tasks=["lambada_openai"], local_dir=None),
                              "<local_dir>/lambada_openai/test.jsonl")
     assert "HF_DATASETS_OFFLINE" in msg

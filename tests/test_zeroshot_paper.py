@@ -66,7 +66,8 @@ def test_protocol_matching():
 
 def test_shipped_table_has_a_source_for_every_number():
     rows = reference.load()
-    models = {p.stem for p in (Path(__file__).resolve().parents[1] / "conf/model").glob("*.yaml")}
+    conf = Path(__file__).resolve().parents[1] / "hbllm" / "conf"
+    models = {p.stem for p in (conf / "model").glob("*.yaml")}
     assert rows, "published.csv is empty"
     for row in rows:
         # the arXiv id and the table or figure the number is printed in

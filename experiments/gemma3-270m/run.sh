@@ -10,10 +10,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=offline HF_HUB_OFFLINE=1
 LOG=experiments/gemma3-270m/times.log
 DATA=../shared/data
 
-# The setting of conf/experiment/gemma3_study.yaml, for the ablation presets (which set only quant).
-SETTING=(model=gemma3-270m calib=wiki_sample calib.bos=true calib.nsamples=32 calib.seqlen=256
-  "eval.datasets=[wikitext2,ptb,wiki_sample]" eval.seqlen=512 eval.max_windows=8 eval.bos=true
-  data.local_dir=$DATA data.offline=true logger=offline)
+# The ablation presets set only quant; setting=gemma3_cpu (hbllm/conf/setting/gemma3_cpu.yaml) gives
+# them the study's model, calibration and evaluation, as experiment=gemma3_study has them.
 
 step() {  # step NAME CMD...: run CMD, append its wall time to $LOG
   local name=$1; shift
@@ -31,8 +29,8 @@ step methods hbllm -m experiment=gemma3_study data.local_dir=$DATA
 step seeds bash experiments/gemma3-270m/run_seeds.sh
 # 2. Ablations of hbllm_row. Only the non-default value is run: the default (l2, row) is
 #    exactly the hbllm_row run of step 1 (same resolved config), compared in RESULTS.md.
-step ablation-salient hbllm -m experiment=ablation_salient "${SETTING[@]}" quant.salient_metric=l1
-step ablation-grouping hbllm -m experiment=ablation_grouping "${SETTING[@]}" quant.partition=global
+step ablation-salient hbllm -m experiment=ablation_salient setting=gemma3_cpu data.local_dir=$DATA quant.salient_metric=l1
+step ablation-grouping hbllm -m experiment=ablation_grouping setting=gemma3_cpu data.local_dir=$DATA quant.partition=global
 # 3. Zero-shot on the one local task (openbookqa, first 100 questions): fp16, billm, hbllm_row
 #    (quantized again in their own sweep directory; no perplexity).
 if [ "${ZEROSHOT:-0}" = 1 ]; then

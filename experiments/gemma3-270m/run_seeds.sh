@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The seed repeats of the Gemma-3-270M study (RESULTS.md, "Noise"): hbllm_row, billm and hbllm_col
-# over calibration seeds 0-4 in the study setting (conf/experiment/gemma3_study.yaml), one run
+# over calibration seeds 0-4 in the study setting (hbllm/conf/experiment/gemma3_study.yaml), one run
 # after another, seeds outermost so every method has the same n when stopped early. From the
 # repository root:
 #   bash experiments/gemma3-270m/run_seeds.sh

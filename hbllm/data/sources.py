@@ -8,14 +8,14 @@ that cannot be had raises :class:`DataUnavailable` quickly; nothing here waits o
 from __future__ import annotations
 
 import contextlib
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import datasets
 
-PROBE_TIMEOUT_S = 5.0  # how long the hub reachability probe may take, DNS included
+from .. import hub
+
 
 
 class DataUnavailable(RuntimeError):
@@ -133,37 +133,6 @@ def _load_local(name: str, src: HubSource, split: str, local_dir: Path) -> datas
     return ds.map(lambda b: {"text": [t.strip() for t in b["text"]]}, batched=True)
 
 
-def hub_offline_reason(offline: bool) -> Optional[str]:
-    """Why the hub must not be contacted (None: it may be). Probes reachability in <= 5 s."""
-    if offline:
-        return "data.offline=true"
-    if datasets.config.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set"
-    return _probe_hub()
-
-
-def _probe_hub() -> Optional[str]:
-    """One HEAD request to the hub endpoint in a daemon thread (so a hanging DNS can't block)."""
-    from huggingface_hub import constants, get_session
-
-    outcome: Dict[str, str] = {}
-
-    def probe() -> None:
-        try:
-            get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S)
-        except Exception as exc:  # any failure to get a response means unreachable
-            outcome["error"] = f"{type(exc).__name__}: {exc}"
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(PROBE_TIMEOUT_S + 1.0)
-    if thread.is_alive():
-        return f"{constants.ENDPOINT} did not answer within {PROBE_TIMEOUT_S:.0f} s"
-    if "error" in outcome:
-        return f"{constants.ENDPOINT} is unreachable ({outcome['error']})"
-    return None
-
-
 @contextlib.contextmanager
 def _forced_offline(enabled: bool):
     """Make ``datasets`` / ``huggingface_hub`` use only their local cache inside the block."""
@@ -181,7 +150,7 @@ def _forced_offline(enabled: bool):
 
 
 def _load_hub(name: str, src: HubSource, split: str, offline: bool) -> datasets.Dataset:
-    reason = hub_offline_reason(offline)
+    reason = hub.offline_reason("data.offline=true" if offline else None)
     try:
         with _forced_offline(reason is not None):
             files = {split: src.data_files[split]} if src.data_files else None  # only this split

@@ -21,19 +21,15 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import threading
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional
 
+from hbllm import hub
 from hbllm.config import ZEROSHOT_AVERAGES, ZeroShotConfig
 from hbllm.tasks import local
 
 log = logging.getLogger(__name__)
 
-PROBE_TIMEOUT_S = 5.0
-_TRUE = {"1", "on", "yes", "true"}
 
 
 def run_zeroshot(model, tokenizer, cfg: ZeroShotConfig, device=None) -> dict:
@@ -152,36 +148,6 @@ def _score_key(base: Dict[str, str], higher_is_better: dict, average: str) -> Op
     return next((key for key, name in base.items() if higher_is_better.get(name)), None)
 
 
-def hub_offline_reason() -> Optional[str]:
-    """Why the Hugging Face hub cannot be used (offline flag or failed probe), else None.
-
-    The probe asks ``HF_ENDPOINT`` (through any configured proxy) and gives up after
-    ``PROBE_TIMEOUT_S`` seconds, DNS included.
-    """
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in _TRUE:
-            return f"{var} is set"
-    from huggingface_hub import constants
-
-    result: Dict[str, str] = {}
-
-    def probe():
-        try:
-            urllib.request.urlopen(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S).close()
-            result["ok"] = ""
-        except urllib.error.HTTPError:  # the server answered
-            result["ok"] = ""
-        except Exception as err:  # noqa: BLE001 - any failure means unreachable
-            result["err"] = f"{type(err).__name__}: {err}"
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(PROBE_TIMEOUT_S)
-    if "ok" in result:
-        return None
-    return f"{constants.ENDPOINT} unreachable ({result.get('err', 'timed out')})"
-
-
 def _missing_data_error(tasks: List[str], local_dir: Optional[str], reason: str) -> RuntimeError:
     lines = []
     for task in tasks:
@@ -202,7 +168,7 @@ def _check_hub_tasks(tasks: List[str], local_dir: Optional[str]) -> None:
     lets ``datasets`` use its cache (checked later by :func:`_check_hub_cache`)."""
     if not tasks:
         return
-    reason = hub_offline_reason()
+    reason = hub.offline_reason()
     if reason is None:
         return
     from datasets import config as ds_config

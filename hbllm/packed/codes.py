@@ -1,4 +1,4 @@
-"""The codes of one Haar-binarized linear: what the packed format stores (METHOD.md section 5).
+"""The codes of one Haar-binarized linear: what the packed format stores (docs/method.md section 5).
 
 A *band* is a matrix of binarized coefficients ``value = mean[g] + scale[g] * (+1 | -1)``; each
 entry stores a sign bit and a group-membership bit ``g`` (True: the ``|x| >= t`` group), each row
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
+
+from ..config import packable_shape
 
 
 @dataclass
@@ -75,17 +77,16 @@ class LinearCodes:
     def __post_init__(self) -> None:
         if self.layout not in ("row", "col"):
             raise ValueError(f"layout={self.layout!r} must be 'row' or 'col'")
-        if self.cols % self.blocksize or self.blocksize % 64:
-            raise ValueError(f"packed format needs blocksize a multiple of 64 dividing cols; got "
-                             f"cols={self.cols}, blocksize={self.blocksize}")
-        if self.rows % 2:
-            raise ValueError(f"packed format needs an even number of rows, got {self.rows}")
+        why = packable_shape(self.rows, self.cols, self.blocksize)
+        if why:
+            raise ValueError(f"the packed format cannot hold this weight: {why}")
         if len(self.blocks) != self.cols // self.blocksize:
             raise ValueError(f"{len(self.blocks)} blocks for cols={self.cols}, blocksize={self.blocksize}")
 
 
 def dequantize(codes: LinearCodes) -> torch.Tensor:
-    """Reconstruct the (rows, cols) float32 weight from its codes, block by block (METHOD.md 5)."""
+    """Reconstruct the (rows, cols) float32 weight from its codes, block by block
+    (docs/method.md 5)."""
     from ..quant.haar import haar_inverse
 
     bs = codes.blocksize

@@ -87,7 +87,8 @@ def pack_linear(codes: LinearCodes) -> Dict[str, torch.Tensor]:
         for b in blocks:
             band = getattr(b, attr)
             if band is not None and band.shared_mean:
-                raise ValueError("salient residual bands never use the shared mean (METHOD.md 5.4)")
+                raise ValueError("salient residual bands never use the shared mean "
+                                 "(docs/method.md 5.4)")
             out.append(_stats(band).cpu() if band is not None else zero_stats)
         return torch.stack(out, 1)
 

@@ -1,4 +1,4 @@
-"""BiLLM (arXiv 2402.04291, "braq") block quantizer (METHOD.md section 6): B2 on the salient
+"""BiLLM (arXiv 2402.04291, "braq") block quantizer (docs/method.md section 6): B2 on the salient
 columns; the other entries split once by one magnitude threshold (81 quantiles of their |W|),
 each group B1_abs."""
 from __future__ import annotations

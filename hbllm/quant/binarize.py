@@ -1,4 +1,4 @@
-"""Masked row-wise binarizers (METHOD.md section 3).
+"""Masked row-wise binarizers (docs/method.md section 3).
 
 All functions work on the last dimension of ``x`` (``(..., n)``) with a boolean ``mask`` of the same
 (or a broadcastable) shape; statistics are per row over the masked entries and the result is 0

@@ -1,6 +1,6 @@
 """``quantize_weight``: the entry point for every method, and the GPTQ-style block loop shared by
-the block quantizers (METHOD.md section 1): each block of columns is quantized at once, its error
-``(W - Q)/d`` compensated on the later columns only. Methods with their own column loop (GPTQ,
+the block quantizers (docs/method.md section 1): each block of columns is quantized at once, its
+error ``(W - Q)/d`` compensated on the later columns only. Methods with their own column loop (GPTQ,
 PB-LLM, RTN) get the weight and Hessian instead (:class:`~hbllm.quant.registry.Method`)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One-level orthonormal Haar transform along rows or columns (METHOD.md section 5).
+"""One-level orthonormal Haar transform along rows or columns (docs/method.md section 5).
 
 Pairs neighbours (0,1), (2,3), ... along ``dim``: ``low = (a+b)/sqrt2``, ``high = (a-b)/sqrt2``.
 The inverse uses ``1/sqrt2`` (``"exact"``) or the authors' rounded ``0.70703125`` (``"authors"``).

@@ -1,5 +1,5 @@
 """HBLLM (arXiv 2512.00862) block quantizer: FillAvg, the ``row`` and ``col`` layouts, the
-salient residual (METHOD.md section 5). A block is ``w`` ``(R, C)`` with salient column indices
+salient residual (docs/method.md section 5). A block is ``w`` ``(R, C)`` with salient column indices
 ``sal`` ``(k,)``."""
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ its own column loop), its bit accounting in both conventions, its method-specifi
 :class:`~hbllm.config.QuantConfig` fields with their defaults and checks, its display name, and
 whether packed checkpoints support it. Config, pipeline, app and the packed format ask the
 registry; none of them compares method names. Adding a method: its module, its
-:func:`register` line in ``hbllm/quant/methods.py``, one ``conf/quant/*.yaml`` (docs/quantizers.md).
+:func:`register` line in ``hbllm/quant/methods.py``, one ``hbllm/conf/quant/*.yaml``
+(docs/quantizers.md).
 """
 from __future__ import annotations
 

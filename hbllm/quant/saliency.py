@@ -1,4 +1,4 @@
-"""Salient column selection per GPTQ block (METHOD.md section 2).
+"""Salient column selection per GPTQ block (docs/method.md section 2).
 
 Target ``T = W^2 / d^2`` (d = diag of the upper Cholesky factor of H^-1, per column). Columns are
 ranked by a score (``l2``/``l1`` norm of T's columns, or ``magnitude``: L1 norm of W's columns);

@@ -1,4 +1,4 @@
-"""Optimal magnitude split of a band into two groups, each binarized (METHOD.md section 4).
+"""Optimal magnitude split of a band into two groups, each binarized (docs/method.md section 4).
 
 Batched over bands, rows and thresholds, with no (rows x thresholds x cols) temporary: each row is
 sorted once by value; a group and the part of a group above its mean are value intervals, so every

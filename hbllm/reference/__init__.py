@@ -4,7 +4,7 @@
 
     paper, source, model, method, dataset, metric, bits, value, note
 
-``source``: arXiv id and table ("arXiv:2512.00862 Table 1"); ``model``: a ``conf/model`` name;
+``source``: arXiv id and table ("arXiv:2512.00862 Table 1"); ``model``: a ``hbllm/conf/model`` name;
 ``method``: our method label (``QuantConfig.label``: fp16, billm, hbllm_row, ...; methods we do
 not have yet keep the name their preset will get: gptq, pbllm, arbllm_x, arbllm_rc);
 ``dataset``: wikitext2 | c4 | ptb (``metric`` ppl), a zero-shot task, or ``avgqa`` (the mean
