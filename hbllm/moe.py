@@ -74,6 +74,15 @@ def _project(experts: nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
     return experts.act_fn(nn.functional.linear(x, w.to(x.dtype), bias))
 
 
+def accumulate_hessian(H: torch.Tensor, n: int, x: torch.Tensor) -> None:
+    """Add the rows of ``x`` (tokens, cols) to ``H = 2/n X^T X`` (float32, running average over
+    the ``n`` tokens it holds so far), in place."""
+    m = x.shape[0]
+    H *= n / (n + m)
+    x = x.float() * (2.0 / (n + m)) ** 0.5
+    H += x.T @ x
+
+
 class ExpertsHessians:
     """Forward pre-hook on a fused experts module: per expert, ``H = 2/n X^T X`` (float32,
     running average) over exactly the tokens routed to it, for its input (``hin[e]``) and its
@@ -97,13 +106,6 @@ class ExpertsHessians:
         vals = list(args[:2]) + [kwargs[n] for n in names[len(args[:2]):]]
         return vals[0], vals[1]
 
-    @staticmethod
-    def _accumulate(H: torch.Tensor, n: int, x: torch.Tensor) -> None:
-        m = x.shape[0]
-        H *= n / (n + m)
-        x = x.float() * (2.0 / (n + m)) ** 0.5
-        H += x.T @ x
-
     @torch.no_grad()
     def __call__(self, module, args, kwargs) -> None:
         hidden, index = self.routing(args, kwargs)
@@ -122,9 +124,9 @@ class ExpertsHessians:
             start += m
             n = self.tokens[e]
             if self.hin is not None:
-                self._accumulate(self.hin[e], n, x)
+                accumulate_hessian(self.hin[e], n, x)
             if self.hmid is not None:
-                self._accumulate(self.hmid[e], n, _project(self.experts, x, e))
+                accumulate_hessian(self.hmid[e], n, _project(self.experts, x, e))
             self.tokens[e] = n + m
 
     def remove(self) -> None:

@@ -21,7 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .moe import ExpertsHessians, expert_matrices, fill_sparse_experts, find_fused_experts
+from .moe import (ExpertsHessians, accumulate_hessian, expert_matrices, fill_sparse_experts,
+                  find_fused_experts)
 
 KINDS = ("attention", "mlp", "experts", "router", "other")
 
@@ -150,20 +151,18 @@ def unreachable(layer: nn.Module, weights: List[QuantWeight], skip: Sequence[str
 
 
 class InputHessian:
-    """``H = 2/N X^T X`` (float32, running average over tokens) of inputs ``X`` (tokens, cols)
-    given to :meth:`add`."""
+    """``H = 2/N X^T X`` (float32, running average over tokens) of the inputs ``X`` (tokens, cols)
+    of ``module`` (applying a 2-D ``weight``) given to :meth:`add`."""
 
-    def __init__(self, cols: int, device):
-        self.H = torch.zeros(cols, cols, dtype=torch.float32, device=device)
+    def __init__(self, module: nn.Module):
+        w = module.weight
+        self.H = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float32, device=w.device)
         self.n = 0
 
     def add(self, inp: torch.Tensor) -> None:
-        x = inp.reshape(-1, inp.shape[-1]).float()
-        m = x.shape[0]
-        self.H *= self.n / (self.n + m)
-        self.n += m
-        x = x * (2.0 / self.n) ** 0.5
-        self.H += x.T @ x
+        x = inp.reshape(-1, inp.shape[-1])
+        accumulate_hessian(self.H, self.n, x)
+        self.n += x.shape[0]
 
 
 class SharedInputHessians:
@@ -198,8 +197,7 @@ class SharedInputHessians:
                                    f"first calibration window but not in window {self._windows}")
             if owner == name:
                 if name not in self.acc:
-                    w = module.weight
-                    self.acc[name] = InputHessian(w.shape[1], w.device)
+                    self.acc[name] = InputHessian(module)
                 self.acc[name].add(x)
                 self._window.append((x, name))
         return hook
@@ -215,7 +213,7 @@ class SharedInputHessians:
         for name, module in self.modules.items():
             if name not in self.owner:
                 self.owner[name] = name
-                self.acc[name] = InputHessian(module.weight.shape[1], module.weight.device)
+                self.acc[name] = InputHessian(module)
         return ({n: self.acc[o].H for n, o in self.owner.items()},
                 {n: self.acc[o].n for n, o in self.owner.items()})
 
