@@ -69,3 +69,10 @@ def test_full_bits_hand_count_and_codes(kw, full):
     assert sum(c.stored_bits() for c in res.codes) == full
     assert res.bits == {"paper": 3.0, "full": full / 256}
     assert torch.equal(torch.cat([c.dequantize() for c in res.codes], 1), res.weight)
+
+
+def test_inverse_cholesky_diagonal_equals_the_full_factor(problem):
+    from hbllm.quant.block_loop import inverse_cholesky_diagonal, upper_inverse_cholesky
+    _, h = problem  # with a dead input
+    d = inverse_cholesky_diagonal(h.double(), 0.01)
+    assert torch.allclose(d, upper_inverse_cholesky(h.double(), 0.01)[0].diagonal(), rtol=1e-10, atol=0)

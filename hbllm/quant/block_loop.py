@@ -56,6 +56,20 @@ def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torc
     return U, dead
 
 
+def inverse_cholesky_diagonal(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """``diag(U)`` ``(cols,)`` of :func:`upper_inverse_cholesky` from one factorization: with
+    ``H^-1 = U^T U``, ``H = U^-1 U^-T``, so ``1 / diag(U)`` is the diagonal of the Cholesky factor
+    of ``H`` with rows and columns in reverse order."""
+    H = hessian.clone()
+    H.diagonal()[H.diagonal() == 0] = 1.0
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    if info.item() != 0:
+        raise ValueError("the damped Hessian is not positive definite; raise quant.percdamp "
+                         "or use more calibration tokens")
+    return 1 / L.diagonal().flip(0)
+
+
 def _check(weight: torch.Tensor, hessian: torch.Tensor, cfg) -> None:
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (rows, cols), got shape {tuple(weight.shape)}")

@@ -6,6 +6,10 @@ once (lazy batch update). Options: ``groupsize`` (-1: one grid per row), ``sym``
 weight before the loop)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
 import torch
 
 from .block_loop import upper_inverse_cholesky
@@ -13,32 +17,79 @@ from .registry import LoopOutput, at_defaults
 from .uniform import UniformCodes, group_params, minmax_params, to_grid
 
 
-def column_loop(W: torch.Tensor, U: torch.Tensor, blocksize: int, grid, quantize):
+@dataclass
+class ColumnGrids:
+    """Per-entry rounding rule of a block ``(R, b)``: the grid ``scale * (code - zero)`` with codes
+    in ``[0, maxq]``; where ``binary`` (bool, optional) is set, ``sign(w - mean) * alpha + mean``
+    instead (code: the sign). Tensors ``(R, b)``, broadcast views allowed."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    maxq: int
+    binary: Optional[torch.Tensor] = None
+    mean: Optional[torch.Tensor] = None
+    alpha: Optional[torch.Tensor] = None
+
+    def round(self, w: torch.Tensor, i: int):
+        """``(q, code)`` ``(R,)`` of column ``i`` holding ``w``."""
+        s, z = self.scale[:, i], self.zero[:, i]
+        code = to_grid(w, s, z, self.maxq)
+        q = s * (code - z)
+        if self.binary is None:
+            return q, code
+        b, m = self.binary[:, i], self.mean[:, i]
+        sign = (w - m).sign()
+        return torch.where(b, sign * self.alpha[:, i] + m, q), torch.where(b, sign, code)
+
+
+BACKEND = "auto"  # column_loop's default backend (tests set it)
+
+
+def column_loop(W: torch.Tensor, U: torch.Tensor, blocksize: int, grids, backend: str | None = None):
     """The GPTQ column loop over ``W`` ``(R, C)`` (modified in place) with ``U`` the upper
-    Cholesky factor of ``H^-1``. ``grid(i1, i2)`` is called at each block start (``W`` then holds
-    the block-start state) and returns per-column state for the block; ``quantize(w, state, i)``
-    returns ``(q, codes)`` of column ``i`` (``(R,)`` each). Returns the quantized weight, the
-    codes ``(R, C)`` and the GPTQ loss per row."""
+    Cholesky factor of ``H^-1``. ``grids(i1, i2)`` is called at each block start (``W`` then
+    holds the block-start state) and returns the block's :class:`ColumnGrids`. ``backend``:
+    ``torch`` (tensor operations per column), ``triton`` (one kernel per block,
+    :mod:`hbllm.quant.column_kernel`; the same result bit for bit) or ``auto`` (triton on CUDA
+    when it is installed); default :data:`BACKEND`. Returns the quantized weight, the codes ``(R, C)`` and the GPTQ loss
+    per row."""
     R, C = W.shape
+    backend = backend or BACKEND
+    if backend == "auto":
+        backend = "triton" if W.is_cuda and _has_triton() else "torch"
+    if backend == "triton":
+        from .column_kernel import block_columns
     Q = torch.empty_like(W)
     codes = torch.empty_like(W)
     row_loss = torch.zeros(R, device=W.device)
     for i1 in range(0, C, blocksize):
         i2 = min(i1 + blocksize, C)
-        state = grid(i1, i2)
-        W1 = W[:, i1:i2].clone()
+        g = grids(i1, i2)
         U1 = U[i1:i2, i1:i2]
-        err = torch.empty_like(W1)
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            q, code = quantize(w, state, i)
-            Q[:, i1 + i], codes[:, i1 + i] = q, code
-            e = (w - q) / U1[i, i]
-            W1[:, i:] -= torch.outer(e, U1[i, i:])
-            err[:, i] = e
+        if backend == "triton":
+            Q[:, i1:i2], codes[:, i1:i2], err = block_columns(W[:, i1:i2], U1, g)
+        else:
+            W1 = W[:, i1:i2].clone()
+            err = torch.empty_like(W1)
+            for i in range(i2 - i1):
+                w = W1[:, i]
+                q, code = g.round(w, i)
+                Q[:, i1 + i], codes[:, i1 + i] = q, code
+                e = (w - q) / U1[i, i]
+                W1[:, i:] -= torch.outer(e, U1[i, i:])
+                err[:, i] = e
         row_loss += err.square().sum(1) / 2
         W[:, i2:] -= err @ U[i1:i2, i2:]
     return Q, codes, row_loss
+
+
+@lru_cache(maxsize=None)
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def gptq_loop(W: torch.Tensor, H: torch.Tensor, cfg) -> LoopOutput:
@@ -60,13 +111,13 @@ def gptq_loop(W: torch.Tensor, H: torch.Tensor, cfg) -> LoopOutput:
     U = upper_inverse_cholesky(H, cfg.percdamp)[0]
     scales, zeros = [], []  # dynamic groups, in the order they start
 
-    def grid(i1: int, i2: int):
-        """Per-column (scale, zero) ``(R, i2 - i1)`` of the block's columns."""
+    def grids(i1: int, i2: int) -> ColumnGrids:
+        """The block's grids: per-column (scale, zero) ``(R, i2 - i1)``."""
         if gs == -1:
-            return row_scale.expand(R, i2 - i1), row_zero.expand(R, i2 - i1)
+            return ColumnGrids(row_scale.expand(R, i2 - i1), row_zero.expand(R, i2 - i1), maxq)
         if cfg.static_groups:
             g = perm[i1:i2] // gs
-            return static[0][:, g], static[1][:, g]
+            return ColumnGrids(static[0][:, g], static[1][:, g], maxq)
         first = -(-i1 // gs) * gs  # groups starting in this block, from the block-start weight
         if first < i2:
             last = (i2 - 1) // gs * gs
@@ -74,14 +125,9 @@ def gptq_loop(W: torch.Tensor, H: torch.Tensor, cfg) -> LoopOutput:
             scales.append(s)
             zeros.append(z)
         g = torch.arange(i1, i2, device=W.device) // gs
-        return torch.cat(scales, 1)[:, g], torch.cat(zeros, 1)[:, g]
+        return ColumnGrids(torch.cat(scales, 1)[:, g], torch.cat(zeros, 1)[:, g], maxq)
 
-    def quantize(w, state, i):
-        scale, zero = state[0][:, i], state[1][:, i]
-        q = to_grid(w, scale, zero, maxq)
-        return scale * (q - zero), q
-
-    Q, q, row_loss = column_loop(W, U, cfg.blocksize, grid, quantize)
+    Q, q, row_loss = column_loop(W, U, cfg.blocksize, grids)
     inv = torch.argsort(perm)
     Q, q = Q[:, inv], q[:, inv]
     if gs == -1:

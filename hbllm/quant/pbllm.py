@@ -11,9 +11,9 @@ import torch
 
 from .bits import FP_BITS
 from .block_loop import upper_inverse_cholesky
-from .gptq import column_loop
+from .gptq import ColumnGrids, column_loop
 from .registry import LoopOutput, at_defaults
-from .uniform import minmax_params, to_grid
+from .uniform import minmax_params
 
 SALIENT_METRICS = ("hessian", "magnitude")
 
@@ -77,18 +77,12 @@ def pbllm_loop(W: torch.Tensor, H: torch.Tensor, cfg) -> LoopOutput:
     mean = mean[..., 0]
     group = torch.arange(C, device=W.device) // gs
 
-    def grid(i1: int, i2: int):
+    def grids(i1: int, i2: int) -> ColumnGrids:
         g = group[i1:i2]
-        return binary[:, i1:i2], mean[:, g], scale[:, g]
+        return ColumnGrids(high_scale.expand(R, i2 - i1), high_zero.expand(R, i2 - i1), hmax,
+                           binary[:, i1:i2], mean[:, g], scale[:, g])
 
-    def quantize(w, state, i):
-        is_bin, m, a = state[0][:, i], state[1][:, i], state[2][:, i]
-        hq = to_grid(w, high_scale[:, 0], high_zero[:, 0], hmax)
-        sign = (w - m).sign()
-        q = torch.where(is_bin, sign * a + m, high_scale[:, 0] * (hq - high_zero[:, 0]))
-        return q, torch.where(is_bin, sign, hq)
-
-    Q, code, row_loss = column_loop(W, U, cfg.blocksize, grid, quantize)
+    Q, code, row_loss = column_loop(W, U, cfg.blocksize, grids)
     codes = PBLLMCodes(binary, torch.where(binary, code, 0).to(torch.int8), mean, scale,
                        torch.where(binary, 0, code).to(torch.uint8), high_scale, high_zero,
                        cfg.high_bit, group)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .block_loop import upper_inverse_cholesky
+from .block_loop import inverse_cholesky_diagonal
 from .registry import LoopOutput, at_defaults
 from .uniform import UniformCodes, group_params, to_grid
 
@@ -20,7 +20,7 @@ def rtn_loop(W: torch.Tensor, H: torch.Tensor, cfg) -> LoopOutput:
     group = torch.arange(C, device=W.device) // gs
     q = to_grid(W, scale[:, group], zero[:, group], maxq)
     Q = scale[:, group] * (q - zero[:, group])
-    d = upper_inverse_cholesky(H, cfg.percdamp)[0].diagonal()
+    d = inverse_cholesky_diagonal(H, cfg.percdamp)
     row_loss = ((W - Q) / d).square().sum(1) / 2
     return LoopOutput(Q, row_loss, [UniformCodes(q.to(torch.uint8), scale, zero, group, cfg.wbits, False)])
 
