@@ -15,8 +15,8 @@ import triton.language as tl
 
 from .gptq import ColumnGrids
 
-BLOCK_ROWS = 16  # rows per program; scripts/bench_quantize.py on an H200
-NUM_WARPS = 4
+BLOCK_ROWS = 32  # rows per program: scripts/bench_column_kernel.py on an H200 (RESULTS.md)
+NUM_WARPS = 8
 
 
 @triton.jit
