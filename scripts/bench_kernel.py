@@ -121,10 +121,8 @@ def tune(packs, l2: int, only=None) -> dict:
     """Per shape, the launch config of the lookup-table GEMV (1 and 4 tokens a launch) and of the
     tensor-core GEMV (8 and 16 tokens) by graph time, written into ``cuda_lut.TUNED`` /
     ``cuda_mma.TUNED``; ``mm``: the Triton tiles' config summed over the shapes at 16 tokens."""
-    lut = ([dict(warps=w, cb=cb) for w in (2, 4, 8, 16) for cb in (1, 2, 4)]
-           + [dict(warps=kw * t, cb=cb, kw=kw) for kw in (2, 4, 8, 16) for t in (1, 2)
-              for cb in (1, 2, 4) if kw * t <= 16])
-    sweeps = {"lut": (cuda_lut.TUNED, (1, 4), lut),
+    sweeps = {"lut": (cuda_lut.TUNED, (1, 4), [dict(warps=w, cb=cb) for w in (2, 4, 8, 16)
+                                                  for cb in (1, 2, 4)]),
               "mma": (cuda_mma.TUNED, (8, 16), [dict(ksplit=k) for k in (4, 8, 16)])}
     chosen = {}
     for label, (packed, meta) in packs.items():
@@ -139,10 +137,7 @@ def tune(packs, l2: int, only=None) -> dict:
                 times = []
                 for cfg in configs:
                     table[(rows, cols, nt)] = cfg
-                    try:
-                        times.append(graph_time_us(mods, x))
-                    except ValueError:  # more shared memory than the GPU has
-                        times.append(float("inf"))
+                    times.append(graph_time_us(mods, x))
                 best = configs[min(range(len(configs)), key=times.__getitem__)]
                 table[(rows, cols, nt)] = best
                 chosen[f"{name} {rows}x{cols} nt={nt}"] = {

@@ -106,15 +106,12 @@ def test_triton_3d_input_and_odd_rows_tile():
 @pytest.mark.parametrize("layout", ["row", "col"])
 @pytest.mark.parametrize("blocksize,cols", [(128, 384), (64, 320), (128, 11008)])
 @pytest.mark.parametrize("cb", [1, 2, 4])
-@pytest.mark.parametrize("warps,kw", [(4, 1), (4, 4), (8, 2)])
-def test_lut_gemv_chunks_and_workspace(monkeypatch, layout, blocksize, cols, cb, warps, kw):
+def test_lut_gemv_chunks_and_workspace(monkeypatch, layout, blocksize, cols, cb):
     """Column chunks of ``cb`` blocks (a partial last chunk when cb does not divide the blocks),
-    ``kw`` chunks of a row tile added in shared memory (blocks of the last column range with
-    fewer, or no, chunks for some warps), blocksize 64 (scalar word loads), 70 rows (a partial
-    tile), 1-4 tokens, blocks with up to blocksize/32 salient words (the tables' capacity);
-    calling again gives the same output (the last block of a tile resets the shared workspace
-    and counter)."""
-    monkeypatch.setattr(cuda_lut, "CONFIG", {"warps": warps, "cb": cb, "kw": kw})
+    blocksize 64 (scalar word loads), 70 rows (a partial tile), 1-4 tokens, blocks with up to
+    blocksize/32 salient words (the tables' capacity); calling again gives
+    the same output (the last block of a tile resets the shared workspace and counter)."""
+    monkeypatch.setitem(cuda_lut.CONFIG, "cb", cb)
     codes = random_codes(layout, 70, cols, blocksize=blocksize, seed=cols + cb,
                          max_k=blocksize - 1)  # up to blocksize/32 salient words in a block
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()

@@ -37,9 +37,7 @@ import torch
 from . import nvrtc
 
 MAX_TOKENS = 4
-# Launch config: warps per block, quantization blocks per column chunk (cb), and kw: the warps of
-# a row tile (16 pairs), each on its own chunk, added in shared memory (a block spans kw chunks
-# and warps / kw row tiles).
+# Launch config: warps (row tiles of 16 pairs) per block, quantization blocks per column chunk.
 # CONFIG: the fallback, best of ``scripts/bench_kernel.py --tune lut`` summed over the 7B shapes
 # on an H100 with the row-major layout (experiments/benchmarks/RESULTS.md); TUNED: per
 # (rows, cols, tokens a launch), as ``--tune`` prints it for the tiled layout.
@@ -55,8 +53,7 @@ SOURCE = r"""
 #define WC (CB * WPB)                 // main words per column chunk
 #define GW (ROW ? BS / 64 : BS / 32)  // main words per statistics group
 #define NGC (WC / GW)                 // main groups per chunk
-#define BWC (KW * WC)                 // main words of a block's column range (KW chunks)
-#define POS (BWC * 8)                 // main table positions (4 inputs each) per token
+#define POS (WC * 8)                  // main table positions (4 inputs each) per token
 #if MV == 4                           // main words per lane load (runtime.word_vec)
 typedef uint4 wvec;
 __device__ __forceinline__ void unvec(uint4 a, unsigned* o) { o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; }
@@ -126,17 +123,14 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   extern __shared__ float4 smem4[];
   float* tm = reinterpret_cast<float*>(smem4);  // [NT][POS][16] main tables
   float* tsl = tm + NT * POS * 16;              // [NT][SMAX * 8][16] salient tables
-  float* tmw = tsl + NT * SMAX * 128;           // [NT][BWC] main word totals
-  float* tsw = tmw + NT * BWC;                  // [NT][SMAX] salient word totals
+  float* tmw = tsl + NT * SMAX * 128;           // [NT][WC] main word totals
+  float* tsw = tmw + NT * WC;                   // [NT][SMAX] salient word totals
   const float c = (float)cd;
   const int lane = threadIdx.x & 31, W = C >> 5;
-  // a block: (warps / KW) row tiles x KW column chunks of CB quantization blocks each
-  const int wi = threadIdx.x >> 5, kw = wi % KW;
-  const int tw = blockIdx.x * ((blockDim.x >> 5) / KW) + wi / KW;  // row tile of the warp
+  const int tw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);  // row tile of the warp
   const int p0 = tw * 16;                                               // its first pair
   const int t = min(tw, (R + 31) / 32 - 1);  // warps past the last tile load it, store nothing
-  const int bcb0 = blockIdx.y * (KW * CB), bncb = min(KW * CB, NB - bcb0);  // the block's range
-  const int cb0 = bcb0 + kw * CB, ncb = max(0, min(CB, NB - cb0));        // the warp's chunk
+  const int cb0 = blockIdx.y * CB, ncb = min(CB, NB - cb0);
   const int w0 = cb0 * WPB, nw = ncb * WPB;
   // this lane's words and statistics (tiled layout: a warp's load is consecutive memory), in
   // flight while the tables are built; tiles past the band hold zeros
@@ -168,8 +162,8 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   }
   int sf[CB + 1];
 #pragma unroll
-  for (int b = 0; b <= CB; ++b) sf[b] = sfirst[min(cb0 + min(b, ncb), NB)];
-  const int sw0 = sfirst[bcb0], nsw = sfirst[bcb0 + bncb] - sw0;  // the block's salient words
+  for (int b = 0; b <= CB; ++b) sf[b] = sfirst[cb0 + min(b, ncb)];
+  const int sw0 = sf[0], nsw = sf[CB] - sw0;
   unsigned s1[CB], g1[CB];  // first salient word of each block (most blocks have one)
   uint2 ts[CB];
 #pragma unroll
@@ -190,15 +184,15 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     }
   }
   // tables: main inputs of the chunk (row layout: the Haar domain), x at its salient slots
-  tables(tm, tmw, N, bncb * WPB * 8, POS, [&](int n, int j) -> float {
+  tables(tm, tmw, N, nw * 8, POS, [&](int n, int j) -> float {
     const u16* xn = x + (size_t)n * C;
 #if ROW
     const int b = j / BS, k = j - b * BS, h = k >= BS / 2, kk = k - h * (BS / 2);
-    const unsigned two = reinterpret_cast<const unsigned*>(xn)[((bcb0 + b) * BS >> 1) + kk];
+    const unsigned two = reinterpret_cast<const unsigned*>(xn)[((cb0 + b) * BS >> 1) + kk];
     const float e = ld((u16)(two & 0xffff)), o = ld((u16)(two >> 16));
     return c * (h ? e - o : e + o);
 #else
-    const int col = bcb0 * BS + j;
+    const int col = w0 * 32 + j;
     return keep[col] ? ld(xn[col]) : 0.f;
 #endif
   });
@@ -213,7 +207,7 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
 #pragma unroll
   for (int i = 0; i < WC; ++i) {
     if (i < nw) {
-      word(s[i], g[i], tm + (kw * WC + i) * 128, tmw + kw * WC + i, POS * 16, BWC, z, zg, zs, zx);
+      word(s[i], g[i], tm + i * 128, tmw + i, POS * 16, WC, z, zg, zs, zx);
       if ((i + 1) % GW == 0) fold(am, tg[i / GW], z, zg, zs, zx);
     }
   }
@@ -243,18 +237,7 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     out[n] += am[n];
 #endif
   }
-#if KW > 1  // the row tile's KW warps add their chunks in shared memory; warp kw == 0 goes on
-  float* red = tsw + NT * SMAX;  // [warps][NT][32] partial outputs
-#pragma unroll
-  for (int n = 0; n < NT; ++n) red[(wi * NT + n) * 32 + lane] = out[n];
-  __syncthreads();
-  if (kw == 0)
-#pragma unroll
-    for (int k = 1; k < KW; ++k)
-#pragma unroll
-      for (int n = 0; n < NT; ++n) out[n] += red[((wi + k) * NT + n) * 32 + lane];
-#endif
-  const int row = kw == 0 ? 2 * p0 + lane : R;  // only the first warp of a row tile stores
+  const int row = 2 * p0 + lane;
   if (gridDim.y == 1) {
     if (row < R)
 #pragma unroll
@@ -279,30 +262,30 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(row: bool, nt: int, bf16: bool, bs: int, cb: int, kw: int, mv: int, msv: int, ssv: int,
+def _kernel(row: bool, nt: int, bf16: bool, bs: int, cb: int, mv: int, msv: int, ssv: int,
             svec: bool, ssvec: bool, device: int):
-    name = (f"hbllm_lut_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}_{cb}_{kw}"
+    name = (f"hbllm_lut_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}_{cb}"
             f"_{mv}{msv}{ssv}{int(svec)}{int(ssvec)}")
-    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bf16, bs, cb, kw, mv, msv,
-                                                                ssv, svec, ssvec))
+    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bf16, bs, cb, mv, msv, ssv,
+                                                                svec, ssvec))
 
 
-def macros(row: bool, nt: int, bf16: bool, bs: int, cb: int, kw: int, mv: int, msv: int, ssv: int,
+def macros(row: bool, nt: int, bf16: bool, bs: int, cb: int, mv: int, msv: int, ssv: int,
            svec: bool, ssvec: bool) -> dict:
     """The compile-time constants of one kernel variant (see :func:`variant`)."""
-    return dict(ROW=int(row), NT=nt, DT=int(bf16), BS=bs, CB=cb, KW=kw, MV=mv, MSV=msv, SSV=ssv,
+    return dict(ROW=int(row), NT=nt, DT=int(bf16), BS=bs, CB=cb, MV=mv, MSV=msv, SSV=ssv,
                 SVEC=int(svec), SSVEC=int(ssvec))
 
 
-def variant(rt: Dict[str, torch.Tensor], meta: dict, nt: int, bf16: bool, cb: int, kw: int = 1) -> tuple:
-    """Kernel variant for a layer's buffers: (row, nt, bf16, bs, cb, kw, word vector, main and
-    salient statistics vectors, 16-byte statistics loads for main and salient)."""
+def variant(rt: Dict[str, torch.Tensor], meta: dict, nt: int, bf16: bool, cb: int) -> tuple:
+    """Kernel variant for a layer's buffers: (row, nt, bf16, bs, cb, word vector, main and salient
+    statistics vectors, 16-byte statistics loads for main and salient)."""
     row, bs = meta["layout"] == "row", meta["blocksize"]
     mv, msv, ssv = rt["main_sign"].shape[-1], rt["main_stats"].shape[-2], rt["sal_stats"].shape[-2]
     # two groups per 16-byte load where the chunk's first group is even (tiles hold pairs)
     svec = msv == 2 and (row or cb % 2 == 0)
     ssvec = ssv == 2 and cb % 2 == 0
-    return row, nt, bf16, bs, cb, kw, mv, msv, ssv, svec, ssvec
+    return row, nt, bf16, bs, cb, mv, msv, ssv, svec, ssvec
 
 
 @functools.lru_cache(maxsize=None)
@@ -311,7 +294,7 @@ def available() -> bool:
     if not nvrtc.supported():
         return False
     try:
-        _kernel(True, 1, False, 128, CONFIG["cb"], 1, 4, 2, 2, True, CONFIG["cb"] % 2 == 0,
+        _kernel(True, 1, False, 128, CONFIG["cb"], 4, 2, 2, True, CONFIG["cb"] % 2 == 0,
                 torch.cuda.current_device())
         return True
     except Exception:  # no NVRTC, an old driver, ...: the other kernels stay in use
@@ -340,20 +323,16 @@ def gemv(x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float,
     n, cols = x.shape
     nt = 1 << (min(n, MAX_TOKENS).bit_length() - 1)  # 1, 2 or 4 tokens per launch
     cfg = config(meta["rows"], cols, nt)
-    warps, cb, kw = cfg["warps"], cfg["cb"], cfg.get("kw", 1)
+    warps, cb = cfg["warps"], cfg["cb"]
     bs = meta["blocksize"]
-    pairs = 16 * (warps // kw)  # row pairs of a block
-    tiles = (meta["rows"] // 2 + pairs - 1) // pairs
+    tiles = (meta["rows"] // 2 + 16 * warps - 1) // (16 * warps)  # blocks of `warps` row tiles
     sc = _scratch(meta, x.device, tiles, scratch)
     nb = cols // bs
-    device = nvrtc.device_index(x.device)
-    kernel = _kernel(*variant(rt, meta, nt, x.dtype == torch.bfloat16, cb, kw), device)
-    words = kw * cb * bs // 32  # main words of a block's column range
-    smax = min(words, kw * cb * scratch.get("block_sal_words", bs // 32))  # its salient words, at most
-    smem = 4 * nt * ((words + smax) * (8 * 16 + 1) + (32 * warps if kw > 1 else 0))
-    if smem > nvrtc.smem_limit(device):
-        raise ValueError(f"lookup-table GEMV config {cfg} needs {smem} bytes of shared memory at "
-                         f"{nt} tokens; this GPU has {nvrtc.smem_limit(device)}")
-    grid = (tiles, (nb + cb * kw - 1) // (cb * kw), 1)
+    kernel = _kernel(*variant(rt, meta, nt, x.dtype == torch.bfloat16, cb),
+                     nvrtc.device_index(x.device))
+    words = cb * bs // 32
+    smax = min(words, cb * scratch.get("block_sal_words", bs // 32))  # salient words of a chunk, at most
+    smem = 4 * nt * (words + smax) * (8 * 16 + 1)  # main and salient tables, word totals
+    grid = (tiles, (nb + cb - 1) // cb, 1)
     return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
                         extra=[rt["sal_first"], sc["ws"], sc["cnt"], smax])
