@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .config import QuantConfig, RunConfig, packable_shape, schema, validate
-from .results import Results, RunLock, eval_keys, finished, missing_evals, model_key
+from .results import DONE, Results, RunLock, eval_keys, finished, missing_evals, model_key
 
 log = logging.getLogger("hbllm")
 
@@ -347,7 +347,7 @@ def _stages(rc: RunConfig, resolved: Dict[str, Any], key: str, results: Results,
             _quantize(model, tokenizer, calib, rc, device, results, tracker, run_dir, store,
                       restore=quantized)
             _evaluate(model, tokenizer, rc, resolved, eval_tokens, device, results, tracker, "")
-        results.update(status="done")
+        results.update(status=DONE)
         timing = results.get("timing", {})
         timing["total_s"] = timing.get("total_s", 0.0) + time.perf_counter() - t_start
         results.update(timing=timing)

@@ -37,15 +37,13 @@ import pandas as pd
 from hbllm.reference import report_columns
 
 from .frontier import family, frontier_section
-from .results import experiment_id
+from .results import EXPERIMENT_PARTS, experiment_id, is_done
 from .report_noise import comparison_table, comparisons, group_rows, group_runs, grouped_table, split_keys
 from .stats import ALPHA, TESTS
 
 TEST_NAMES = {"welch": "two-sided Welch t-test", "mannwhitney": "two-sided Mann-Whitney U test"}
 
 RESULTS = "results.json"
-# config subtrees that differ between runs without being a swept experiment parameter
-_CONFIG_NOISE = ("logger", "name", "data", "device")
 # runs at or above this many bits per weight are unquantized: drawn as reference lines
 FULL_PRECISION_BITS = 8.0
 
@@ -146,12 +144,13 @@ def _flatten(d: dict, prefix: str = "") -> Dict[str, object]:
 
 
 def swept_keys(runs: Sequence[Run]) -> List[str]:
-    """Parameters whose value differs between the runs (overrides; else resolved config)."""
+    """Parameters whose value differs between the runs (overrides; else the resolved config's
+    :data:`~hbllm.results.EXPERIMENT_PARTS`)."""
     if any(r.overrides for r in runs):
         values = [r.overrides for r in runs]
     else:
         values = [{k: v for k, v in _flatten(r.results.get("config") or {}).items()
-                   if k.split(".")[0] not in _CONFIG_NOISE} for r in runs]
+                   if k.split(".")[0] in EXPERIMENT_PARTS} for r in runs]
     keys = sorted({k for v in values for k in v})
     return [k for k in keys if len({str(v.get(k)) for v in values}) > 1]
 
@@ -335,7 +334,7 @@ def build_report(dirs: Sequence[Path], out: Path, wandb_dirs: Sequence[Path] = (
           "weight (paper convention and full accounting); perplexity is lower-is-better.", ""]
     for sweep in dict.fromkeys(r.sweep for r in runs):
         sruns = [r for r in runs if r.sweep == sweep]
-        done = [r for r in sruns if r.status == "done"]
+        done = [r for r in sruns if is_done(r.results)]
         keys, repeat_keys = split_keys(swept_keys(sruns))
         md += [f"## {sweep}", "", f"{len(done)} of {len(sruns)} run(s) done; swept: "
                f"{', '.join(keys) if keys else 'nothing'}; model(s): "
@@ -367,13 +366,13 @@ def build_report(dirs: Sequence[Path], out: Path, wandb_dirs: Sequence[Path] = (
             labels = [_label(row, keys) for _, row in df.iterrows()]
             if plot_layer_losses(done, labels, out / f"{slug}_layer_loss.png"):
                 md += [f"![per-layer loss]({slug}_layer_loss.png)", ""]
-        rest = [r for r in sruns if r.status != "done"]
+        rest = [r for r in sruns if not is_done(r.results)]
         if rest:
             md += ["Not finished:", ""]
             md += [f"- `{r.path}`: {r.status}"
                    + (f" ({r.results['error']})" if r.results.get("error") else "") for r in rest]
             md += [""]
-    done = [r for r in runs if r.status == "done"]
+    done = [r for r in runs if is_done(r.results)]
     if done:
         md += frontier_section(pd.DataFrame([run_row(r) for r in done]), out, FULL_PRECISION_BITS)
     (out / "report.md").write_text("\n".join(md))

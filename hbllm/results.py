@@ -7,7 +7,9 @@ quantization. Each evaluation stored beside the model carries its own key
 (:func:`eval_keys`: the dataset and the settings that change its number), so adding a dataset,
 the baseline or zero-shot to a finished run evaluates only what is new. :func:`experiment_id` and
 :func:`finished` combine both; the app, the sweep launcher's skip rule and ``hbllm-report`` use
-them.
+them. :func:`is_done` is the one reading of a run's recorded ``status`` (the app writes
+:data:`DONE` when a run completes); :data:`EXPERIMENT_PARTS` names the config entries that say
+what an experiment is (``hbllm-report``'s swept parameters are among them).
 
 **One writer.** :class:`RunLock` takes an exclusive ``fcntl.flock`` on ``<run dir>/.lock`` for
 the whole run. A second run of the same directory (a SLURM retry, a resubmitted sweep, another
@@ -43,6 +45,12 @@ _NOT_IN_MODEL = {"quant": ("name",), "model": ("name",)}
 # EvalConfig fields that do not change an evaluation's number
 _EVAL_NOISE = ("batch_size", "baseline", "datasets", "zeroshot")
 _ZEROSHOT_NOISE = ("enabled", "batch_size")
+# the top-level config entries that say what an experiment is: the model key's parts and the
+# evaluation settings. The others say where and how it ran (logger, name, device, data location,
+# resume, save_*); runs that differ only there are the same experiment.
+EXPERIMENT_PARTS = (*MODEL_KEY_PARTS, "eval")
+# the status a run records when it completed (``failed`` and ``running`` are the others)
+DONE = "done"
 
 
 def _hash(obj: Any) -> str:
@@ -106,12 +114,18 @@ def _lookup(data: Dict[str, Any], entry: str):
     return data.get(section) if name == "all" else data.get(section, {}).get(name)
 
 
+def is_done(data: Dict[str, Any]) -> bool:
+    """True when ``data`` (a results.json) records a completed run (status :data:`DONE`),
+    whatever config it is read against: the rule of ``hbllm-report``'s tables."""
+    return data.get("status") == DONE
+
+
 def finished(data: Dict[str, Any], resolved: Dict[str, Any]) -> bool:
     """True when ``data`` (a results.json) holds the finished quantized model of ``resolved``
     and every evaluation it asks for: the one rule for "nothing left to do". A results.json
-    without a key (written by another app) is finished when its status is ``done``."""
+    without a key (written by another app) is finished when :func:`is_done`."""
     if "key" not in data:
-        return data.get("status") == "done"
+        return is_done(data)
     return (data.get("key") == model_key(resolved) and data.get("quantized") is True
             and not missing_evals(data, resolved))
 
@@ -220,10 +234,6 @@ class Results:
         self.resumed = bool(self.data)
         self._fresh = not resume  # resume=false: the first write drops what is on disk
         self.data["key"] = key
-
-    @property
-    def done(self) -> bool:
-        return self.data.get("status") == "done"
 
     def get(self, name: str, default=None):
         return self.data.get(name, default)
