@@ -264,12 +264,20 @@ class RunConfig:
 PACKED_BLOCK_MULTIPLE = 64  # the packed format's main sign words: 64 columns of a row
 
 
+def _unpackable_blocksize(blocksize: int) -> Optional[str]:
+    """The shape-free part of :func:`packable_shape`: why ``blocksize`` cannot be packed, or None."""
+    if blocksize % PACKED_BLOCK_MULTIPLE:
+        return f"blocksize={blocksize} is not a multiple of {PACKED_BLOCK_MULTIPLE}"
+    return None
+
+
 def packable_shape(rows: int, cols: int, blocksize: int) -> Optional[str]:
     """Why a ``(rows, cols)`` weight (out_features, in_features) cannot be packed with GPTQ
     blocks of ``blocksize`` columns, or None when it can (docs/packed.md). The one statement of
     the packed format's shape rule: the app checks it before quantizing, the codes on creation."""
-    if blocksize % PACKED_BLOCK_MULTIPLE:
-        return f"blocksize={blocksize} is not a multiple of {PACKED_BLOCK_MULTIPLE}"
+    why = _unpackable_blocksize(blocksize)
+    if why:
+        return why
     if cols % blocksize:
         return f"in_features={cols} is not divisible by blocksize={blocksize}"
     if rows % 2:
@@ -284,9 +292,10 @@ def check_packable(quant: QuantConfig) -> None:
         raise ValueError(f"save_packed=true needs quant.method=hbllm (the packed format stores "
                          f"Haar-binarized codes); quant.method={quant.method!r} cannot be packed: "
                          "use save_model=true for a fake-quantized checkpoint")
-    if quant.blocksize % PACKED_BLOCK_MULTIPLE:  # the shape-free part of packable_shape
-        raise ValueError(f"save_packed=true needs quant.blocksize a multiple of "
-                         f"{PACKED_BLOCK_MULTIPLE}; got {quant.blocksize}")
+    why = _unpackable_blocksize(quant.blocksize)
+    if why:
+        raise ValueError(f"save_packed=true cannot pack quant.{why}: choose a multiple of "
+                         f"{PACKED_BLOCK_MULTIPLE}")
 
 
 def schema():

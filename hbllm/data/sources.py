@@ -7,7 +7,6 @@ that cannot be had raises :class:`DataUnavailable` quickly; nothing here waits o
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -133,26 +132,10 @@ def _load_local(name: str, src: HubSource, split: str, local_dir: Path) -> datas
     return ds.map(lambda b: {"text": [t.strip() for t in b["text"]]}, batched=True)
 
 
-@contextlib.contextmanager
-def _forced_offline(enabled: bool):
-    """Make ``datasets`` / ``huggingface_hub`` use only their local cache inside the block."""
-    if not enabled:
-        yield
-        return
-    from huggingface_hub import constants
-
-    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
-
-
 def _load_hub(name: str, src: HubSource, split: str, offline: bool) -> datasets.Dataset:
     reason = hub.offline_reason("data.offline=true" if offline else None)
     try:
-        with _forced_offline(reason is not None):
+        with hub.forced_offline(reason is not None):
             files = {split: src.data_files[split]} if src.data_files else None  # only this split
             ds = datasets.load_dataset(src.path, src.name, data_files=files, split=split)
     except OSError as exc:  # ConnectionError, FileNotFoundError (not on hub / not cached)

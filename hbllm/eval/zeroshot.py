@@ -171,19 +171,16 @@ def _check_hub_tasks(tasks: List[str], local_dir: Optional[str]) -> None:
     reason = hub.offline_reason()
     if reason is None:
         return
-    from datasets import config as ds_config
-
-    if not ds_config.HF_HUB_OFFLINE:  # datasets would retry the network for each task
+    if not hub.offline_setting():  # datasets would retry the network for each task
         raise _missing_data_error(tasks, local_dir, reason + "; set HF_DATASETS_OFFLINE=1 to use "
                                   "datasets already in the Hugging Face cache")
 
 
 def _check_hub_cache(tasks: List[str], manager, local_dir: Optional[str]) -> None:
     """In ``datasets`` offline mode, require each hub task's dataset to be in the HF cache."""
-    from datasets import config as ds_config
     from datasets import load_dataset_builder
 
-    if not tasks or not ds_config.HF_HUB_OFFLINE:
+    if not tasks or not hub.offline_setting():
         return
     missing = []
     for task in tasks:
