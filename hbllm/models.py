@@ -192,11 +192,6 @@ def find_layers(model: nn.Module) -> Tuple[str, nn.ModuleList]:
     return best
 
 
-def find_linears(layer: nn.Module) -> Dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside one decoder layer, by qualified name (e.g. ``self_attn.q_proj``)."""
-    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-
-
 def outside_layers(model: nn.Module, layers: nn.ModuleList):
     """The largest submodules that do not contain the decoder layers: embeddings, final norm,
     rotary embeddings, lm_head."""

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import find_linears
 from hbllm.config import ModelConfig
-from hbllm.models import (ModelUnavailable, byte_tokenizer, find_layers, find_linears,
+from hbllm.models import (ModelUnavailable, byte_tokenizer, find_layers,
                           load_model, load_tokenizer)
 
 EXPECTED = {

@@ -6,7 +6,7 @@ from hbllm.packed.codes import dequantize, from_quantizer
 from hbllm.packed.module import PackedLinear
 from hbllm.packed.format import pack_linear, packbits, unpack_linear, unpackbits, linear_meta
 from hbllm.packed.runtime import (build_runtime, pack_words, torch_forward, unpack_words)
-from hbllm.packed.synthetic import random_codes
+from packed_synthetic import random_codes
 
 CASES = [("row", False, "exact"), ("row", True, "exact"), ("col", False, "exact"),
          ("col", True, "authors"), ("row", False, "authors")]

@@ -21,7 +21,7 @@ from hbllm.packed.runtime import (
     untile,
     word_vec,
 )
-from hbllm.packed.synthetic import random_codes
+from packed_synthetic import random_codes
 from hbllm.quant.haar import INVERSE
 
 CASES = [("row", False, "exact", 128), ("row", True, "exact", 64), ("col", False, "exact", 128),
