@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -37,8 +36,8 @@ class LayerStore:
             n += 1
         return n
 
-    def save(self, index: int, weights: Dict[str, torch.Tensor], record: dict,
-             packed: Optional[Dict[str, Tuple[Dict[str, torch.Tensor], dict]]] = None) -> None:
+    def save(self, index: int, weights: dict[str, torch.Tensor], record: dict,
+             packed: dict[str, tuple[dict[str, torch.Tensor], dict]] | None = None) -> None:
         """Store layer ``index``: ``weights`` {linear name: weight}, its ``record`` and, when
         packing, ``packed`` {linear name: (packed tensors, manifest entry)}; atomically."""
         from safetensors.torch import save_file

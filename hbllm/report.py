@@ -28,17 +28,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
 from hbllm.reference import report_columns
 
 from .frontier import family, frontier_section
-from .results import EXPERIMENT_PARTS, experiment_id, is_done
 from .report_noise import comparison_table, comparisons, group_rows, group_runs, grouped_table, split_keys
+from .results import EXPERIMENT_PARTS, experiment_id, is_done
 from .stats import ALPHA, TESTS
 
 TEST_NAMES = {"welch": "two-sided Welch t-test", "mannwhitney": "two-sided Mann-Whitney U test"}
@@ -55,7 +55,7 @@ class Run:
     path: Path
     sweep: str
     results: dict
-    overrides: Dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, str] = field(default_factory=dict)
     num: int = 0  # position in its sweep (hydra.job.num)
 
     @property
@@ -63,7 +63,7 @@ class Run:
         return str(self.results.get("status", "unknown"))
 
 
-def _parse_overrides(path: Path) -> Dict[str, str]:
+def _parse_overrides(path: Path) -> dict[str, str]:
     """``.hydra/overrides.yaml`` (a list of Hydra override strings) -> {key: value}."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
@@ -106,9 +106,9 @@ def _read_json(path: Path) -> dict:
         raise SystemExit(f"{path} is not valid JSON ({err}); is the run still writing it?")
 
 
-def find_runs(dirs: Sequence[Path], wandb_dirs: Sequence[Path] = ()) -> List[Run]:
+def find_runs(dirs: Sequence[Path], wandb_dirs: Sequence[Path] = ()) -> list[Run]:
     """Every run under ``dirs`` (Hydra run/multirun dirs) and ``wandb_dirs`` (offline W&B runs)."""
-    runs: List[Run] = []
+    runs: list[Run] = []
     for root in map(Path, dirs):
         if not root.is_dir():
             raise SystemExit(f"{root}: no such directory")
@@ -122,7 +122,7 @@ def find_runs(dirs: Sequence[Path], wandb_dirs: Sequence[Path] = ()) -> List[Run
     for root in map(Path, wandb_dirs):
         if not root.is_dir():
             raise SystemExit(f"{root}: no such directory")
-        latest: Dict[str, Run] = {}  # a resumed run has one W&B run per attempt: keep the last
+        latest: dict[str, Run] = {}  # a resumed run has one W&B run per attempt: keep the last
         for res in sorted(root.rglob(f"files/{RESULTS}")):  # offline-run-<date>_<time>-...: in order
             results = _read_json(res)
             group = (results.get("config") or {}).get("logger", {}).get("group") or "wandb"
@@ -132,8 +132,8 @@ def find_runs(dirs: Sequence[Path], wandb_dirs: Sequence[Path] = ()) -> List[Run
     return runs
 
 
-def _flatten(d: dict, prefix: str = "") -> Dict[str, object]:
-    out: Dict[str, object] = {}
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
@@ -143,7 +143,7 @@ def _flatten(d: dict, prefix: str = "") -> Dict[str, object]:
     return out
 
 
-def swept_keys(runs: Sequence[Run]) -> List[str]:
+def swept_keys(runs: Sequence[Run]) -> list[str]:
     """Parameters whose value differs between the runs (overrides; else the resolved config's
     :data:`~hbllm.results.EXPERIMENT_PARTS`)."""
     if any(r.overrides for r in runs):
@@ -155,10 +155,10 @@ def swept_keys(runs: Sequence[Run]) -> List[str]:
     return [k for k in keys if len({str(v.get(k)) for v in values}) > 1]
 
 
-def run_row(run: Run) -> Dict[str, object]:
+def run_row(run: Run) -> dict[str, object]:
     """One flat CSV row: identification, overrides, then the numbers of results.json as-is."""
     r = run.results
-    row: Dict[str, object] = {"sweep": run.sweep, "run_dir": str(run.path), "status": run.status,
+    row: dict[str, object] = {"sweep": run.sweep, "run_dir": str(run.path), "status": run.status,
                               "model": r.get("model"), "method": r.get("method"),
                               "family": family(r)}
     row.update(run.overrides)
@@ -182,7 +182,7 @@ def run_row(run: Run) -> Dict[str, object]:
     return row
 
 
-def _order(values: Sequence[object], nums: Sequence[int]) -> List[int]:
+def _order(values: Sequence[object], nums: Sequence[int]) -> list[int]:
     """Row order: by value when all values are numbers, else in the sweep's job order."""
     try:
         keys = [float(str(v)) for v in values]
@@ -221,7 +221,7 @@ def _md_table(df: pd.DataFrame) -> str:
     return head + body
 
 
-def _metric_columns(df: pd.DataFrame) -> List[str]:
+def _metric_columns(df: pd.DataFrame) -> list[str]:
     ppl = sorted(c for c in df.columns if c.startswith("ppl_"))
     base = sorted(c for c in df.columns if c.startswith("baseline_ppl_"))
     extra = [c for c in ("zeroshot_avg", "quantize_s") if c in df.columns]
@@ -316,7 +316,7 @@ def plot_layer_losses(runs: Sequence[Run], labels: Sequence[str], path: Path) ->
 
 
 def build_report(dirs: Sequence[Path], out: Path, wandb_dirs: Sequence[Path] = (),
-                 noise_out: Optional[List[str]] = None, test: str = "welch") -> pd.DataFrame:
+                 noise_out: list[str] | None = None, test: str = "welch") -> pd.DataFrame:
     """Write report.md, report.csv and plots into ``out``; returns the per-run table. With
     repeated configs also report_groups.csv and report_comparisons.csv, and the grouped
     sections' markdown is appended to ``noise_out``. ``test``: hbllm.stats.compare's test."""
@@ -327,8 +327,8 @@ def build_report(dirs: Sequence[Path], out: Path, wandb_dirs: Sequence[Path] = (
     table = pd.DataFrame([run_row(r) for r in runs])
     table.to_csv(out / "report.csv", index=False)
 
-    group_frames: List[pd.DataFrame] = []
-    cmp_frames: List[pd.DataFrame] = []
+    group_frames: list[pd.DataFrame] = []
+    cmp_frames: list[pd.DataFrame] = []
     md = ["# HBLLM sweep report", "",
           f"{len(runs)} run(s) from {', '.join(map(str, [*dirs, *wandb_dirs]))}. Bits are per "
           "weight (paper convention and full accounting); perplexity is lower-is-better.", ""]
@@ -412,7 +412,7 @@ def _swept_value(run: Run, key: str) -> object:
     return run.overrides.get(key, _flatten(run.results.get("config") or {}).get(key))
 
 
-def _noise_sections(done: List[Run], groups, keys: List[str], repeat_keys: List[str],
+def _noise_sections(done: list[Run], groups, keys: list[str], repeat_keys: list[str],
                     sweep: str, out: Path, test: str):
     """Report sections of a sweep with repeated configs: one row per group (n, geometric mean,
     spread and range of each perplexity), the pairwise comparisons, plots with error bars.
@@ -451,7 +451,7 @@ def _noise_sections(done: List[Run], groups, keys: List[str], repeat_keys: List[
     return gdf, cmp, md
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="hbllm-report", description="Tables, CSV and plots from hbllm runs and sweeps.")
     parser.add_argument("dirs", nargs="*", type=Path, help="run or multirun directories")
@@ -467,7 +467,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not args.dirs and not args.wandb:
         parser.error("give at least one run/multirun DIR or --wandb DIR")
     out = args.out or (args.dirs or args.wandb)[0]
-    noise: List[str] = []
+    noise: list[str] = []
     table = build_report(args.dirs, out, args.wandb, noise_out=noise, test=args.test)
     if noise:
         print("\n".join(noise))

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
 
 import datasets
 
 from .. import hub
-
 
 
 class DataUnavailable(RuntimeError):
@@ -30,16 +28,16 @@ class HubSource:
     """
 
     path: str
-    name: Optional[str]
-    data_files: Optional[Dict[str, str]]
+    name: str | None
+    data_files: dict[str, str] | None
     column: str
-    local: Dict[str, Tuple[str, str]]
+    local: dict[str, tuple[str, str]]
 
 
 C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz",
             "validation": "en/c4-validation.00000-of-00008.json.gz"}
 
-SOURCES: Dict[str, HubSource] = {
+SOURCES: dict[str, HubSource] = {
     "wikitext2": HubSource("wikitext", "wikitext-2-raw-v1", None, "text",
                            {"train": ("wikitext-2-raw", "wiki.train.raw"),
                             "validation": ("wikitext-2-raw", "wiki.valid.raw"),

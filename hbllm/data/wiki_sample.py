@@ -16,7 +16,6 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, List
 
 from .sources import DataUnavailable
 
@@ -61,7 +60,7 @@ def clean_article(raw: str) -> str:
     return _BLANKS.sub("\n\n", "\n".join(lines)).strip()
 
 
-def articles() -> List[Dict[str, str]]:
+def articles() -> list[dict[str, str]]:
     """All articles of the dump in dump order: [{"title", "text"}] (text starts with the title)."""
     path = dump_path()
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -85,7 +84,7 @@ def articles() -> List[Dict[str, str]]:
     return out
 
 
-def split(part: str) -> List[Dict[str, str]]:
+def split(part: str) -> list[dict[str, str]]:
     """The ``calib`` or ``eval`` part of the articles (disjoint, together all articles)."""
     if part not in ("calib", "eval"):
         raise ValueError(f"wiki_sample part must be 'calib' or 'eval', not {part!r}")

@@ -15,7 +15,6 @@ Decoding is the quantizer's: :func:`to_quantizer` turns the codes back into
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 
@@ -54,8 +53,8 @@ class BlockCodes:
     salient: torch.Tensor
     low: BandCodes
     high: BandCodes
-    sal_low: Optional[BandCodes] = None
-    sal_high: Optional[BandCodes] = None
+    sal_low: BandCodes | None = None
+    sal_high: BandCodes | None = None
 
 
 @dataclass
@@ -67,7 +66,7 @@ class LinearCodes:
     cols: int
     blocksize: int
     inverse: str
-    blocks: List[BlockCodes]
+    blocks: list[BlockCodes]
 
     def __post_init__(self) -> None:
         if self.layout not in ("row", "col"):
