@@ -1,8 +1,8 @@
 """The accuracy-vs-bits frontier over every run given to ``hbllm-report`` (all sweeps together):
-perplexity against full bits and against paper bits, one line per method family
-(``quant.method``, through the family's own best runs), the overall Pareto front marked; ``frontier.csv`` lists every point with its family
-and whether it is on the front; ``report.md`` gets, per model and dataset, the front's points in
-order of full bits (which method is best at each stored-bits budget)."""
+perplexity against full bits and against paper bits, one line per method family (``quant.method``,
+through the family's own best runs), the overall Pareto front marked; ``frontier.csv`` lists every
+point with its family and whether it is on the front; ``report.md`` gets, per model and dataset, the
+front's points in order of full bits (which method is best at each stored-bits budget)."""
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -47,7 +47,7 @@ class LayerStore:
         tensors = {f"{n}.weight": w.detach().to("cpu").contiguous() for n, w in weights.items()}
         meta = {"record": dumps(record)}
         if packed is not None:
-            for name, (tens, entry) in packed.items():
+            for name, (tens, _) in packed.items():
                 tensors.update({f"{PACKED}{name}.{k}": v.contiguous() for k, v in tens.items()})
             meta["packed"] = json.dumps({n: entry for n, (_, entry) in packed.items()})
         self.dir.mkdir(parents=True, exist_ok=True)

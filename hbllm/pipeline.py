@@ -252,7 +252,8 @@ def quantize_model(model: nn.Module, tokens: torch.Tensor | None, quant: QuantCo
     instead of quantized (``tokens`` may be None when every layer is stored).
     ``pack(res) -> (tensors, manifest entry)``: compress each linear's codes (kept in the store
     and in ``stats.packed``). ``repeat`` > 0 jitters every Hessian
-    (:func:`hbllm.jitter.jitter_hessian`: float-order noise only). With a method that does not quantize (``none``) nothing is touched."""
+    (:func:`hbllm.jitter.jitter_hessian`: float-order noise only). With a method that does not
+    quantize (``none``) nothing is touched."""
     from . import quantize_weight
 
     start = time.perf_counter()

@@ -103,7 +103,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except ValueError as err:
-        raise SystemExit(f"{path} is not valid JSON ({err}); is the run still writing it?")
+        raise SystemExit(f"{path} is not valid JSON ({err}); is the run still writing it?") from err
 
 
 def find_runs(dirs: Sequence[Path], wandb_dirs: Sequence[Path] = ()) -> list[Run]:
@@ -264,8 +264,9 @@ def plot_ppl_vs_bits(df: pd.DataFrame, keys: Sequence[str], path: Path) -> bool:
                     ax.annotate(",".join(vals), (row["bits_paper"], row[ds]), fontsize=7,
                                 textcoords="offset points", xytext=(3, 3))
         refs = {f"{m} (full precision)": v for m, v in zip(full["method"], full[ds])}
-        if not refs and f"baseline_{ds}" in df.columns:
-            refs.update({"fp16 baseline": v for v in df[f"baseline_{ds}"].dropna()})
+        baselines = df[f"baseline_{ds}"].dropna() if f"baseline_{ds}" in df.columns else ()
+        if not refs and len(baselines):  # the runs' own fp16 measurements: drawn once (the last)
+            refs["fp16 baseline"] = baselines.iloc[-1]
         for (label, value), style in zip(refs.items(), ("--", ":", "-.")):
             ax.axhline(value, color="gray", linestyle=style, label=label)
         ax.set_yscale("log")
@@ -294,7 +295,7 @@ def plot_layer_losses(runs: Sequence[Run], labels: Sequence[str], path: Path) ->
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    curves = [(lab, sorted((l["index"], l["loss"]) for l in r.results.get("layers") or []))
+    curves = [(lab, sorted((layer["index"], layer["loss"]) for layer in r.results.get("layers") or []))
               for r, lab in zip(runs, labels)]
     curves = [(lab, pts) for lab, pts in curves if pts]
     if not curves:

@@ -227,7 +227,7 @@ def _stop_from_pidfile(workdir: Path) -> None:
     path = workdir / "daemons.json"
     if not path.exists():
         raise SystemExit(f"no daemons.json in {workdir}: nothing started there")
-    for name, pid in reversed(list(json.loads(path.read_text()).items())):
+    for pid in reversed(list(json.loads(path.read_text()).values())):
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:

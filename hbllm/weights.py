@@ -4,8 +4,9 @@ A :class:`QuantWeight` is one ``(out, in)`` matrix that :func:`hbllm.quantize_we
 an ``nn.Linear`` weight, one expert's gate / up / down matrix inside a fused 3-D expert tensor
 (:mod:`hbllm.moe`), or a router's weight. Every weight has a kind (attention, mlp, experts,
 router, other) and a Hessian key: weights reading the same input (an expert's gate and up) share
-one Hessian, and so do linears called with the very same input tensor (q/k/v, gate/up). :func:`collect_hessians` records them all in one pass over the calibration windows,
-the experts' through the model's own routing.
+one Hessian, and so do linears called with the very same input tensor (q/k/v, gate/up).
+:func:`collect_hessians` records them all in one pass over the calibration windows, the experts'
+through the model's own routing.
 
 Coverage: every parameter of the decoder is counted as quantized or full precision, by kind.
 A matrix (2-D or more) that no :class:`QuantWeight` reaches fails the run (:func:`unreachable`)

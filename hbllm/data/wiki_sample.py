@@ -1,12 +1,12 @@
 """``wiki_sample``: the English Wikipedia sample shipped in the gensim wheel, as plain text.
 
 The MediaWiki XML dump (206 pages, 106 of them articles; the rest are redirects) is parsed with
-gensim's ``extract_pages`` and ``filter_wiki``, then the wiki formatting that ``filter_wiki``
-keeps (bold/italic quotes, ``== headings ==``, list bullets, gallery ``File:...|caption`` lines,
-``alt=`` image texts, image sizes and options, stray ``|``) is reduced to plain lines. Articles are split BY ARTICLE: article number
-``k`` (0-based, dump order) goes to the evaluation part when ``k % EVAL_EVERY == EVAL_EVERY - 1``,
-to the calibration part otherwise. The extracted articles are cached as JSON under
-``$HBLLM_CACHE`` (default ``~/.cache/hbllm``), keyed by the dump's sha256.
+gensim's ``extract_pages`` and ``filter_wiki``, then the wiki formatting that ``filter_wiki`` keeps
+(bold/italic quotes, ``== headings ==``, list bullets, gallery ``File:...|caption`` lines, ``alt=``
+image texts, image sizes and options, stray ``|``) is reduced to plain lines. Articles are split BY
+ARTICLE: article number ``k`` (0-based, dump order) goes to the evaluation part when
+``k % EVAL_EVERY == EVAL_EVERY - 1``, to the calibration part otherwise. The extracted articles are
+cached as JSON under ``$HBLLM_CACHE`` (default ``~/.cache/hbllm``), keyed by the dump's sha256.
 """
 from __future__ import annotations
 

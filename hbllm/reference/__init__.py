@@ -20,7 +20,6 @@ import csv
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 PUBLISHED_CSV = Path(__file__).with_name("published.csv")
 COLUMNS = ("paper", "source", "model", "method", "dataset", "metric", "bits", "value", "note")
