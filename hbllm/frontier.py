@@ -1,12 +1,12 @@
 """The accuracy-vs-bits frontier over every run given to ``hbllm-report`` (all sweeps together):
-perplexity against full bits and against paper bits, one line per method family
-(``quant.method``, through the family's own best runs), the overall Pareto front marked; ``frontier.csv`` lists every point with its family
-and whether it is on the front; ``report.md`` gets, per model and dataset, the front's points in
-order of full bits (which method is best at each stored-bits budget)."""
+perplexity against full bits and against paper bits, one line per method family (``quant.method``,
+through the family's own best runs), the overall Pareto front marked; ``frontier.csv`` lists every
+point with its family and whether it is on the front; ``report.md`` gets, per model and dataset, the
+front's points in order of full bits (which method is best at each stored-bits budget)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Sequence
 
 import pandas as pd
 
@@ -20,7 +20,7 @@ def family(results: dict) -> str:
     return "fp16" if method == "none" else str(method or results.get("method"))
 
 
-def pareto(bits: Sequence[float], ppl: Sequence[float]) -> List[bool]:
+def pareto(bits: Sequence[float], ppl: Sequence[float]) -> list[bool]:
     """Whether each point is on the lower-left Pareto front: no other point has bits and
     perplexity both at most its own and one of them lower."""
     pts = list(zip(bits, ppl))
@@ -78,7 +78,7 @@ def plot_frontier(q: pd.DataFrame, refs: pd.DataFrame, ds: str, path: Path) -> N
     plt.close(fig)
 
 
-def frontier_section(df: pd.DataFrame, out: Path, full_precision_bits: float) -> List[str]:
+def frontier_section(df: pd.DataFrame, out: Path, full_precision_bits: float) -> list[str]:
     """Write ``frontier.csv`` and ``frontier_<model>_<ds>.png`` into ``out`` from the finished
     runs ``df`` (report rows plus ``family``); return the report.md lines."""
     q = frontier_table(df, full_precision_bits)

@@ -2,6 +2,7 @@
 data and zero-shot loading, so one run never decides both online and offline."""
 from __future__ import annotations
 
+import contextlib
 import threading
 
 PROBE_TIMEOUT_S = 5.0  # how long the reachability probe may take, DNS included
@@ -9,7 +10,7 @@ PROBE_TIMEOUT_S = 5.0  # how long the reachability probe may take, DNS included
 
 def offline_setting() -> str | None:
     """The environment's offline setting, or None: ``datasets``' flag, which HF_HUB_OFFLINE or
-    HF_DATASETS_OFFLINE set (and which :func:`hbllm.data.sources` forces for a block)."""
+    HF_DATASETS_OFFLINE set (and which :func:`forced_offline` sets for a block)."""
     import datasets
 
     return "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set" if datasets.config.HF_HUB_OFFLINE else None
@@ -20,6 +21,23 @@ def offline_reason(forced: str | None = None) -> str | None:
     asks for offline, e.g. ``"data.offline=true"``), the environment's setting, else a probe of
     the hub endpoint that fails or does not answer within :data:`PROBE_TIMEOUT_S` seconds."""
     return forced or offline_setting() or _probe()
+
+
+@contextlib.contextmanager
+def forced_offline(enabled: bool):
+    """Make ``datasets`` / ``huggingface_hub`` use only their local cache inside the block."""
+    if not enabled:
+        yield
+        return
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 def _probe() -> str | None:

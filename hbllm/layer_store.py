@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -37,8 +36,8 @@ class LayerStore:
             n += 1
         return n
 
-    def save(self, index: int, weights: Dict[str, torch.Tensor], record: dict,
-             packed: Optional[Dict[str, Tuple[Dict[str, torch.Tensor], dict]]] = None) -> None:
+    def save(self, index: int, weights: dict[str, torch.Tensor], record: dict,
+             packed: dict[str, tuple[dict[str, torch.Tensor], dict]] | None = None) -> None:
         """Store layer ``index``: ``weights`` {linear name: weight}, its ``record`` and, when
         packing, ``packed`` {linear name: (packed tensors, manifest entry)}; atomically."""
         from safetensors.torch import save_file
@@ -48,7 +47,7 @@ class LayerStore:
         tensors = {f"{n}.weight": w.detach().to("cpu").contiguous() for n, w in weights.items()}
         meta = {"record": dumps(record)}
         if packed is not None:
-            for name, (tens, entry) in packed.items():
+            for name, (tens, _) in packed.items():
                 tensors.update({f"{PACKED}{name}.{k}": v.contiguous() for k, v in tens.items()})
             meta["packed"] = json.dumps({n: entry for n, (_, entry) in packed.items()})
         self.dir.mkdir(parents=True, exist_ok=True)

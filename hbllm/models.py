@@ -6,7 +6,6 @@ import importlib
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Tuple
 
 import torch
 from torch import nn
@@ -178,7 +177,7 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def find_layers(model: nn.Module) -> Tuple[str, nn.ModuleList]:
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder layers: the ``nn.ModuleList`` holding the most parameters (the language
     model's layer stack for OPT, LLaMA, Mistral, Qwen2, Gemma3 ...). Returns (name, list)."""
     best, best_n = None, -1
@@ -190,11 +189,6 @@ def find_layers(model: nn.Module) -> Tuple[str, nn.ModuleList]:
     if best is None:
         raise ValueError(f"{type(model).__name__} has no nn.ModuleList of decoder layers")
     return best
-
-
-def find_linears(layer: nn.Module) -> Dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside one decoder layer, by qualified name (e.g. ``self_attn.q_proj``)."""
-    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
 def outside_layers(model: nn.Module, layers: nn.ModuleList):

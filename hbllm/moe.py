@@ -15,10 +15,11 @@ the module's own gate function. Memory: ``E * (H^2 + I^2)`` float32 per MoE laye
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Tuple
+from collections.abc import Iterator
 
 import torch
 from torch import nn
+
 
 def is_fused_experts(module: nn.Module) -> bool:
     """True for a transformers fused-experts module (3-D ``down_proj`` and ``gate_up_proj`` or
@@ -29,7 +30,7 @@ def is_fused_experts(module: nn.Module) -> bool:
             and down.dim() == 3 and up.dim() == 3)
 
 
-def find_fused_experts(layer: nn.Module) -> Dict[str, nn.Module]:
+def find_fused_experts(layer: nn.Module) -> dict[str, nn.Module]:
     """``{qualified name: fused experts module}`` inside one decoder layer."""
     return {name: m for name, m in layer.named_modules() if is_fused_experts(m)}
 
@@ -38,7 +39,7 @@ def has_gate(experts: nn.Module) -> bool:
     return isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter)
 
 
-def expert_matrices(experts: nn.Module) -> Iterator[Tuple[str, nn.Parameter, slice, str]]:
+def expert_matrices(experts: nn.Module) -> Iterator[tuple[str, nn.Parameter, slice, str]]:
     """For one expert, the ``(matrix name, parameter, row slice of the (out, in) view, input
     role)`` of each of its matrices; role ``in`` (the expert input) or ``mid`` (down's input).
     The fused ``gate_up_proj`` is two matrices: gate rows and up rows."""
@@ -101,7 +102,7 @@ class ExpertsHessians:
         self.handle = experts.register_forward_pre_hook(self, with_kwargs=True)
 
     @staticmethod
-    def routing(args, kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    def routing(args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         names = ("hidden_states", "top_k_index")
         vals = list(args[:2]) + [kwargs[n] for n in names[len(args[:2]):]]
         return vals[0], vals[1]
@@ -133,8 +134,8 @@ class ExpertsHessians:
         self.handle.remove()
 
 
-def fill_sparse_experts(hessians: List[torch.Tensor], tokens: List[int], min_tokens: int
-                        ) -> List[str]:
+def fill_sparse_experts(hessians: list[torch.Tensor], tokens: list[int], min_tokens: int
+                        ) -> list[str]:
     """Replace, in place, the Hessian of every expert with fewer than ``min_tokens`` routed
     tokens by the token-weighted mean Hessian of the layer's experts (= the Hessian of all the
     layer's routed tokens), or by the identity (data-free) when no expert saw any token.

@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -32,8 +32,15 @@ from .config import QuantConfig
 from .jitter import jitter_hessian
 from .layer_store import LayerStore
 from .models import find_layers, move_outside_layers
-from .weights import (Coverage, QuantWeight, collect_hessians, fill_sparse_expert_hessians,
-                      quantizable_weights, select_weights, unreachable)
+from .weights import (
+    Coverage,
+    QuantWeight,
+    collect_hessians,
+    fill_sparse_expert_hessians,
+    quantizable_weights,
+    select_weights,
+    unreachable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +54,8 @@ class LayerInputs:
     """Captured calibration state. ``hidden``: one (1, seqlen, hidden) tensor per window (the
     first layer's input); ``kwargs``: the keyword arguments of each layer's call."""
 
-    hidden: List[torch.Tensor]
-    kwargs: List[dict]
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
 
 
 def _to(obj, device):
@@ -80,8 +87,8 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, device: torch.device)
     _, layers = find_layers(model)
     move_outside_layers(model, layers, device)
     act_device = _activation_device(model, tokens.shape[0], tokens.shape[1], device)
-    hidden: List[torch.Tensor] = []
-    kwargs: List[dict] = [{} for _ in layers]
+    hidden: list[torch.Tensor] = []
+    kwargs: list[dict] = [{} for _ in layers]
 
     def recorder(i):
         def forward(*args, **kw):
@@ -112,7 +119,7 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, device: torch.device)
     return LayerInputs(hidden, kwargs)
 
 
-def run_layer(layer: nn.Module, hidden: List[torch.Tensor], kwargs: dict, device) -> List[torch.Tensor]:
+def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict, device) -> list[torch.Tensor]:
     """The layer's output for each window (kept on each input's device)."""
     outs = []
     for h in hidden:
@@ -122,9 +129,9 @@ def run_layer(layer: nn.Module, hidden: List[torch.Tensor], kwargs: dict, device
     return outs
 
 
-def layer_hessians(layer: nn.Module, hidden: List[torch.Tensor], kwargs: dict, device,
-                   weights: Optional[List[QuantWeight]] = None
-                   ) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
+def layer_hessians(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict, device,
+                   weights: list[QuantWeight] | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Run ``layer`` over the calibration windows once and return ``({hessian key: H (in, in)
     float32}, {hessian key: tokens seen})`` for ``weights`` (default: every quantizable weight;
     a linear's key is its name). Linears fed the same input tensor share one Hessian object
@@ -199,13 +206,13 @@ class QuantizeStats:
     taken from the store and, with ``pack``, the packed linears ``{module name: (tensors,
     manifest entry)}``."""
 
-    layers: List[dict] = field(default_factory=list)
-    bits: Dict[str, float] = field(default_factory=dict)
+    layers: list[dict] = field(default_factory=list)
+    bits: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     coverage: dict = field(default_factory=dict)
-    timing: Dict[str, float] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
     restored: int = 0
-    packed: Dict[str, tuple] = field(default_factory=dict)
+    packed: dict[str, tuple] = field(default_factory=dict)
 
 
 class _Clock:
@@ -213,7 +220,7 @@ class _Clock:
 
     def __init__(self, device):
         self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-        self.total: Dict[str, float] = {}
+        self.total: dict[str, float] = {}
         self.t = time.perf_counter()
 
     def lap(self, stage: str) -> float:
@@ -225,14 +232,14 @@ class _Clock:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, tokens: Optional[torch.Tensor], quant: QuantConfig,
+def quantize_model(model: nn.Module, tokens: torch.Tensor | None, quant: QuantConfig,
                    device: torch.device,
-                   on_layer: Optional[Callable[[dict], None]] = None,
-                   only: Optional[Sequence[int]] = None,
-                   on_linear: Optional[Callable[[str, object], None]] = None,
+                   on_layer: Callable[[dict], None] | None = None,
+                   only: Sequence[int] | None = None,
+                   on_linear: Callable[[str, object], None] | None = None,
                    return_codes: bool = False,
-                   store: Optional[LayerStore] = None,
-                   pack: Optional[Callable[[object], tuple]] = None,
+                   store: LayerStore | None = None,
+                   pack: Callable[[object], tuple] | None = None,
                    repeat: int = 0) -> QuantizeStats:
     """Quantize every linear of every decoder layer of ``model`` (on CPU) in place, calibrating
     on ``tokens`` (nsamples, seqlen). ``on_layer`` is called with each finished layer record
@@ -245,7 +252,8 @@ def quantize_model(model: nn.Module, tokens: Optional[torch.Tensor], quant: Quan
     instead of quantized (``tokens`` may be None when every layer is stored).
     ``pack(res) -> (tensors, manifest entry)``: compress each linear's codes (kept in the store
     and in ``stats.packed``). ``repeat`` > 0 jitters every Hessian
-    (:func:`hbllm.jitter.jitter_hessian`: float-order noise only). With a method that does not quantize (``none``) nothing is touched."""
+    (:func:`hbllm.jitter.jitter_hessian`: float-order noise only). With a method that does not
+    quantize (``none``) nothing is touched."""
     from . import quantize_weight
 
     start = time.perf_counter()
@@ -371,11 +379,11 @@ def restore_model(model: nn.Module, store: LayerStore, quant: QuantConfig) -> Qu
     return stats
 
 
-def _bits(linear_record: dict) -> Dict[str, float]:
+def _bits(linear_record: dict) -> dict[str, float]:
     return {"paper": linear_record["bits_paper"], "full": linear_record["bits_full"]}
 
 
-def _restore_layer(layer: nn.Module, weights: List[QuantWeight], store: LayerStore, index: int,
+def _restore_layer(layer: nn.Module, weights: list[QuantWeight], store: LayerStore, index: int,
                    name: str, quant: QuantConfig, coverage: Coverage,
                    stats: QuantizeStats) -> None:
     """Copy stored layer ``index`` into ``layer`` (shapes checked) and account for it in

@@ -28,24 +28,22 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
 from hbllm.reference import report_columns
 
 from .frontier import family, frontier_section
-from .results import experiment_id
 from .report_noise import comparison_table, comparisons, group_rows, group_runs, grouped_table, split_keys
+from .results import EXPERIMENT_PARTS, experiment_id, is_done
 from .stats import ALPHA, TESTS
 
 TEST_NAMES = {"welch": "two-sided Welch t-test", "mannwhitney": "two-sided Mann-Whitney U test"}
 
 RESULTS = "results.json"
-# config subtrees that differ between runs without being a swept experiment parameter
-_CONFIG_NOISE = ("logger", "name", "data", "device")
 # runs at or above this many bits per weight are unquantized: drawn as reference lines
 FULL_PRECISION_BITS = 8.0
 
@@ -57,7 +55,7 @@ class Run:
     path: Path
     sweep: str
     results: dict
-    overrides: Dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, str] = field(default_factory=dict)
     num: int = 0  # position in its sweep (hydra.job.num)
 
     @property
@@ -65,7 +63,7 @@ class Run:
         return str(self.results.get("status", "unknown"))
 
 
-def _parse_overrides(path: Path) -> Dict[str, str]:
+def _parse_overrides(path: Path) -> dict[str, str]:
     """``.hydra/overrides.yaml`` (a list of Hydra override strings) -> {key: value}."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
@@ -105,12 +103,12 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except ValueError as err:
-        raise SystemExit(f"{path} is not valid JSON ({err}); is the run still writing it?")
+        raise SystemExit(f"{path} is not valid JSON ({err}); is the run still writing it?") from err
 
 
-def find_runs(dirs: Sequence[Path], wandb_dirs: Sequence[Path] = ()) -> List[Run]:
+def find_runs(dirs: Sequence[Path], wandb_dirs: Sequence[Path] = ()) -> list[Run]:
     """Every run under ``dirs`` (Hydra run/multirun dirs) and ``wandb_dirs`` (offline W&B runs)."""
-    runs: List[Run] = []
+    runs: list[Run] = []
     for root in map(Path, dirs):
         if not root.is_dir():
             raise SystemExit(f"{root}: no such directory")
@@ -124,7 +122,7 @@ def find_runs(dirs: Sequence[Path], wandb_dirs: Sequence[Path] = ()) -> List[Run
     for root in map(Path, wandb_dirs):
         if not root.is_dir():
             raise SystemExit(f"{root}: no such directory")
-        latest: Dict[str, Run] = {}  # a resumed run has one W&B run per attempt: keep the last
+        latest: dict[str, Run] = {}  # a resumed run has one W&B run per attempt: keep the last
         for res in sorted(root.rglob(f"files/{RESULTS}")):  # offline-run-<date>_<time>-...: in order
             results = _read_json(res)
             group = (results.get("config") or {}).get("logger", {}).get("group") or "wandb"
@@ -134,8 +132,8 @@ def find_runs(dirs: Sequence[Path], wandb_dirs: Sequence[Path] = ()) -> List[Run
     return runs
 
 
-def _flatten(d: dict, prefix: str = "") -> Dict[str, object]:
-    out: Dict[str, object] = {}
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
@@ -145,21 +143,22 @@ def _flatten(d: dict, prefix: str = "") -> Dict[str, object]:
     return out
 
 
-def swept_keys(runs: Sequence[Run]) -> List[str]:
-    """Parameters whose value differs between the runs (overrides; else resolved config)."""
+def swept_keys(runs: Sequence[Run]) -> list[str]:
+    """Parameters whose value differs between the runs (overrides; else the resolved config's
+    :data:`~hbllm.results.EXPERIMENT_PARTS`)."""
     if any(r.overrides for r in runs):
         values = [r.overrides for r in runs]
     else:
         values = [{k: v for k, v in _flatten(r.results.get("config") or {}).items()
-                   if k.split(".")[0] not in _CONFIG_NOISE} for r in runs]
+                   if k.split(".")[0] in EXPERIMENT_PARTS} for r in runs]
     keys = sorted({k for v in values for k in v})
     return [k for k in keys if len({str(v.get(k)) for v in values}) > 1]
 
 
-def run_row(run: Run) -> Dict[str, object]:
+def run_row(run: Run) -> dict[str, object]:
     """One flat CSV row: identification, overrides, then the numbers of results.json as-is."""
     r = run.results
-    row: Dict[str, object] = {"sweep": run.sweep, "run_dir": str(run.path), "status": run.status,
+    row: dict[str, object] = {"sweep": run.sweep, "run_dir": str(run.path), "status": run.status,
                               "model": r.get("model"), "method": r.get("method"),
                               "family": family(r)}
     row.update(run.overrides)
@@ -183,7 +182,7 @@ def run_row(run: Run) -> Dict[str, object]:
     return row
 
 
-def _order(values: Sequence[object], nums: Sequence[int]) -> List[int]:
+def _order(values: Sequence[object], nums: Sequence[int]) -> list[int]:
     """Row order: by value when all values are numbers, else in the sweep's job order."""
     try:
         keys = [float(str(v)) for v in values]
@@ -222,7 +221,7 @@ def _md_table(df: pd.DataFrame) -> str:
     return head + body
 
 
-def _metric_columns(df: pd.DataFrame) -> List[str]:
+def _metric_columns(df: pd.DataFrame) -> list[str]:
     ppl = sorted(c for c in df.columns if c.startswith("ppl_"))
     base = sorted(c for c in df.columns if c.startswith("baseline_ppl_"))
     extra = [c for c in ("zeroshot_avg", "quantize_s") if c in df.columns]
@@ -265,8 +264,9 @@ def plot_ppl_vs_bits(df: pd.DataFrame, keys: Sequence[str], path: Path) -> bool:
                     ax.annotate(",".join(vals), (row["bits_paper"], row[ds]), fontsize=7,
                                 textcoords="offset points", xytext=(3, 3))
         refs = {f"{m} (full precision)": v for m, v in zip(full["method"], full[ds])}
-        if not refs and f"baseline_{ds}" in df.columns:
-            refs.update({"fp16 baseline": v for v in df[f"baseline_{ds}"].dropna()})
+        baselines = df[f"baseline_{ds}"].dropna() if f"baseline_{ds}" in df.columns else ()
+        if not refs and len(baselines):  # the runs' own fp16 measurements: drawn once (the last)
+            refs["fp16 baseline"] = baselines.iloc[-1]
         for (label, value), style in zip(refs.items(), ("--", ":", "-.")):
             ax.axhline(value, color="gray", linestyle=style, label=label)
         ax.set_yscale("log")
@@ -295,7 +295,7 @@ def plot_layer_losses(runs: Sequence[Run], labels: Sequence[str], path: Path) ->
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    curves = [(lab, sorted((l["index"], l["loss"]) for l in r.results.get("layers") or []))
+    curves = [(lab, sorted((layer["index"], layer["loss"]) for layer in r.results.get("layers") or []))
               for r, lab in zip(runs, labels)]
     curves = [(lab, pts) for lab, pts in curves if pts]
     if not curves:
@@ -317,7 +317,7 @@ def plot_layer_losses(runs: Sequence[Run], labels: Sequence[str], path: Path) ->
 
 
 def build_report(dirs: Sequence[Path], out: Path, wandb_dirs: Sequence[Path] = (),
-                 noise_out: Optional[List[str]] = None, test: str = "welch") -> pd.DataFrame:
+                 noise_out: list[str] | None = None, test: str = "welch") -> pd.DataFrame:
     """Write report.md, report.csv and plots into ``out``; returns the per-run table. With
     repeated configs also report_groups.csv and report_comparisons.csv, and the grouped
     sections' markdown is appended to ``noise_out``. ``test``: hbllm.stats.compare's test."""
@@ -328,14 +328,14 @@ def build_report(dirs: Sequence[Path], out: Path, wandb_dirs: Sequence[Path] = (
     table = pd.DataFrame([run_row(r) for r in runs])
     table.to_csv(out / "report.csv", index=False)
 
-    group_frames: List[pd.DataFrame] = []
-    cmp_frames: List[pd.DataFrame] = []
+    group_frames: list[pd.DataFrame] = []
+    cmp_frames: list[pd.DataFrame] = []
     md = ["# HBLLM sweep report", "",
           f"{len(runs)} run(s) from {', '.join(map(str, [*dirs, *wandb_dirs]))}. Bits are per "
           "weight (paper convention and full accounting); perplexity is lower-is-better.", ""]
     for sweep in dict.fromkeys(r.sweep for r in runs):
         sruns = [r for r in runs if r.sweep == sweep]
-        done = [r for r in sruns if r.status == "done"]
+        done = [r for r in sruns if is_done(r.results)]
         keys, repeat_keys = split_keys(swept_keys(sruns))
         md += [f"## {sweep}", "", f"{len(done)} of {len(sruns)} run(s) done; swept: "
                f"{', '.join(keys) if keys else 'nothing'}; model(s): "
@@ -367,13 +367,13 @@ def build_report(dirs: Sequence[Path], out: Path, wandb_dirs: Sequence[Path] = (
             labels = [_label(row, keys) for _, row in df.iterrows()]
             if plot_layer_losses(done, labels, out / f"{slug}_layer_loss.png"):
                 md += [f"![per-layer loss]({slug}_layer_loss.png)", ""]
-        rest = [r for r in sruns if r.status != "done"]
+        rest = [r for r in sruns if not is_done(r.results)]
         if rest:
             md += ["Not finished:", ""]
             md += [f"- `{r.path}`: {r.status}"
                    + (f" ({r.results['error']})" if r.results.get("error") else "") for r in rest]
             md += [""]
-    done = [r for r in runs if r.status == "done"]
+    done = [r for r in runs if is_done(r.results)]
     if done:
         md += frontier_section(pd.DataFrame([run_row(r) for r in done]), out, FULL_PRECISION_BITS)
     (out / "report.md").write_text("\n".join(md))
@@ -413,7 +413,7 @@ def _swept_value(run: Run, key: str) -> object:
     return run.overrides.get(key, _flatten(run.results.get("config") or {}).get(key))
 
 
-def _noise_sections(done: List[Run], groups, keys: List[str], repeat_keys: List[str],
+def _noise_sections(done: list[Run], groups, keys: list[str], repeat_keys: list[str],
                     sweep: str, out: Path, test: str):
     """Report sections of a sweep with repeated configs: one row per group (n, geometric mean,
     spread and range of each perplexity), the pairwise comparisons, plots with error bars.
@@ -452,7 +452,7 @@ def _noise_sections(done: List[Run], groups, keys: List[str], repeat_keys: List[
     return gdf, cmp, md
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="hbllm-report", description="Tables, CSV and plots from hbllm runs and sweeps.")
     parser.add_argument("dirs", nargs="*", type=Path, help="run or multirun directories")
@@ -468,7 +468,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not args.dirs and not args.wandb:
         parser.error("give at least one run/multirun DIR or --wandb DIR")
     out = args.out or (args.dirs or args.wandb)[0]
-    noise: List[str] = []
+    noise: list[str] = []
     table = build_report(args.dirs, out, args.wandb, noise_out=noise, test=args.test)
     if noise:
         print("\n".join(noise))

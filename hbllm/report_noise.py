@@ -6,23 +6,23 @@ Used by :func:`hbllm.report.build_report`; the statistics are in :mod:`hbllm.sta
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import pandas as pd
 
 from .stats import REPEAT_KEYS, Summary, compare, group_key, summarize
 
 
-def split_keys(keys: Sequence[str]) -> Tuple[List[str], List[str]]:
+def split_keys(keys: Sequence[str]) -> tuple[list[str], list[str]]:
     """Swept keys -> (config keys, repeat keys ``seed``/``repeat``)."""
     return [k for k in keys if k not in REPEAT_KEYS], [k for k in keys if k in REPEAT_KEYS]
 
 
-def group_runs(runs: Sequence, keys: Sequence[str], values) -> List[List[int]]:
+def group_runs(runs: Sequence, keys: Sequence[str], values) -> list[list[int]]:
     """Indices of ``runs`` grouped by config identity without seed/repeat, method label and the
     values of the non-repeat swept ``keys`` (``values(run, key)``), in order of first
     appearance."""
-    groups: Dict[tuple, List[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for i, run in enumerate(runs):
         ident = (group_key(run.results.get("config") or {}), run.results.get("method"),
                  tuple(str(values(run, k)) for k in keys))
@@ -30,12 +30,12 @@ def group_runs(runs: Sequence, keys: Sequence[str], values) -> List[List[int]]:
     return list(groups.values())
 
 
-def _ppl_columns(df: pd.DataFrame) -> List[str]:
+def _ppl_columns(df: pd.DataFrame) -> list[str]:
     return sorted(c for c in df.columns if c.startswith("ppl_") or c.startswith("baseline_ppl_"))
 
 
 def group_rows(df: pd.DataFrame, groups: Sequence[Sequence[int]], keys: Sequence[str]
-               ) -> Tuple[pd.DataFrame, List[Dict[str, List[float]]]]:
+               ) -> tuple[pd.DataFrame, list[dict[str, list[float]]]]:
     """One row per group of the per-run table ``df``: the swept ``keys`` and method, ``n``,
     the mean of every other number, and per perplexity column its geometric mean (the column
     itself), ``gstd_<col>``, ``min_<col>``, ``max_<col>``. Also returns each group's raw
@@ -44,7 +44,7 @@ def group_rows(df: pd.DataFrame, groups: Sequence[Sequence[int]], keys: Sequence
     rows, raw = [], []
     for idx in groups:
         g = df.iloc[list(idx)]
-        row: Dict[str, object] = {k: g.iloc[0][k] for k in [*keys, "method"] if k in g}
+        row: dict[str, object] = {k: g.iloc[0][k] for k in [*keys, "method"] if k in g}
         row["n"] = len(g)
         for col in g.columns:
             if col in row or col in ppl_cols or not pd.api.types.is_numeric_dtype(g[col]):
@@ -91,7 +91,7 @@ def _label(row: pd.Series, keys: Sequence[str]) -> str:
     return " ".join([str(row["method"]), *vals])
 
 
-def comparisons(gdf: pd.DataFrame, raw: Sequence[Dict[str, List[float]]], keys: Sequence[str],
+def comparisons(gdf: pd.DataFrame, raw: Sequence[dict[str, list[float]]], keys: Sequence[str],
                 test: str = "welch") -> pd.DataFrame:
     """Every pair of groups (a before b in table order), per perplexity column: the ratio of
     geometric means b / a, the ``test``'s p-value and the verdict (hbllm.stats.compare)."""

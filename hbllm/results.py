@@ -7,7 +7,9 @@ quantization. Each evaluation stored beside the model carries its own key
 (:func:`eval_keys`: the dataset and the settings that change its number), so adding a dataset,
 the baseline or zero-shot to a finished run evaluates only what is new. :func:`experiment_id` and
 :func:`finished` combine both; the app, the sweep launcher's skip rule and ``hbllm-report`` use
-them.
+them. :func:`is_done` is the one reading of a run's recorded ``status`` (the app writes
+:data:`DONE` when a run completes); :data:`EXPERIMENT_PARTS` names the config entries that say
+what an experiment is (``hbllm-report``'s swept parameters are among them).
 
 **One writer.** :class:`RunLock` takes an exclusive ``fcntl.flock`` on ``<run dir>/.lock`` for
 the whole run. A second run of the same directory (a SLURM retry, a resubmitted sweep, another
@@ -31,7 +33,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +45,19 @@ _NOT_IN_MODEL = {"quant": ("name",), "model": ("name",)}
 # EvalConfig fields that do not change an evaluation's number
 _EVAL_NOISE = ("batch_size", "baseline", "datasets", "zeroshot")
 _ZEROSHOT_NOISE = ("enabled", "batch_size")
+# the top-level config entries that say what an experiment is: the model key's parts and the
+# evaluation settings. The others say where and how it ran (logger, name, device, data location,
+# resume, save_*); runs that differ only there are the same experiment.
+EXPERIMENT_PARTS = (*MODEL_KEY_PARTS, "eval")
+# the status a run records when it completed (``failed`` and ``running`` are the others)
+DONE = "done"
 
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def model_key(resolved: Dict[str, Any]) -> str:
+def model_key(resolved: dict[str, Any]) -> str:
     """12 hex digits identifying the quantized model of a resolved config: model, calib, quant,
     seed and repeat (not evaluation, device, logger, name, resume, save_* ...)."""
     kept = {}
@@ -63,7 +71,7 @@ def model_key(resolved: Dict[str, Any]) -> str:
     return _hash(kept)
 
 
-def eval_keys(resolved: Dict[str, Any]) -> Dict[str, str]:
+def eval_keys(resolved: dict[str, Any]) -> dict[str, str]:
     """``{"<section>/<name>": key}`` of every evaluation a resolved config asks for: sections
     ``ppl`` and ``baseline_ppl`` (one entry per dataset), ``zeroshot`` and
     ``baseline_zeroshot`` (one entry, name ``all``). A key hashes what changes that number."""
@@ -88,30 +96,36 @@ def eval_keys(resolved: Dict[str, Any]) -> Dict[str, str]:
     return out
 
 
-def experiment_id(resolved: Dict[str, Any]) -> str:
+def experiment_id(resolved: dict[str, Any]) -> str:
     """The identity of a run's *numbers*: the model key and the keys of its evaluations (two
     results.json with the same identity report the same experiment)."""
     return f"{model_key(resolved)}-{_hash(sorted(eval_keys(resolved).items()))}"
 
 
-def missing_evals(data: Dict[str, Any], resolved: Dict[str, Any]) -> List[str]:
+def missing_evals(data: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
     """The ``section/name`` entries of :func:`eval_keys` not stored (with that key) in ``data``."""
     stored = data.get("eval_keys", {})
     return [k for k, v in eval_keys(resolved).items()
             if stored.get(k) != v or _lookup(data, k) is None]
 
 
-def _lookup(data: Dict[str, Any], entry: str):
+def _lookup(data: dict[str, Any], entry: str):
     section, name = entry.split("/", 1)
     return data.get(section) if name == "all" else data.get(section, {}).get(name)
 
 
-def finished(data: Dict[str, Any], resolved: Dict[str, Any]) -> bool:
+def is_done(data: dict[str, Any]) -> bool:
+    """True when ``data`` (a results.json) records a completed run (status :data:`DONE`),
+    whatever config it is read against: the rule of ``hbllm-report``'s tables."""
+    return data.get("status") == DONE
+
+
+def finished(data: dict[str, Any], resolved: dict[str, Any]) -> bool:
     """True when ``data`` (a results.json) holds the finished quantized model of ``resolved``
     and every evaluation it asks for: the one rule for "nothing left to do". A results.json
-    without a key (written by another app) is finished when its status is ``done``."""
+    without a key (written by another app) is finished when :func:`is_done`."""
     if "key" not in data:
-        return data.get("status") == "done"
+        return is_done(data)
     return (data.get("key") == model_key(resolved) and data.get("quantized") is True
             and not missing_evals(data, resolved))
 
@@ -120,7 +134,7 @@ class CorruptResults(ValueError):
     """results.json exists but is not readable JSON; the message says what to do."""
 
 
-def read_json(path: Path) -> Dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     """A results.json as a dict; {} when absent. Corrupt files raise :class:`CorruptResults`."""
     path = Path(path)
     try:
@@ -162,7 +176,7 @@ class RunLock:
     def __init__(self, run_dir: Path, poll_s: float = 1.0):
         self.path = Path(run_dir) / ".lock"
         self.poll_s = poll_s
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
     def holder(self) -> str:
         try:
@@ -170,7 +184,7 @@ class RunLock:
         except OSError:
             return "unknown"
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         waited = False
@@ -197,7 +211,7 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -214,16 +228,12 @@ class Results:
     def __init__(self, path: Path, key: str, resume: bool = True):
         self.path = Path(path)
         self.key = key
-        self._changes: List[Tuple[Tuple[str, ...], Any]] = []
+        self._changes: list[tuple[tuple[str, ...], Any]] = []
         old = read_json(self.path) if resume else {}
-        self.data: Dict[str, Any] = old if old.get("key") == key else {}
+        self.data: dict[str, Any] = old if old.get("key") == key else {}
         self.resumed = bool(self.data)
         self._fresh = not resume  # resume=false: the first write drops what is on disk
         self.data["key"] = key
-
-    @property
-    def done(self) -> bool:
-        return self.data.get("status") == "done"
 
     def get(self, name: str, default=None):
         return self.data.get(name, default)

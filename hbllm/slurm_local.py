@@ -24,7 +24,6 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
 
 PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -35,7 +34,7 @@ class SlurmUnavailable(RuntimeError):
     """The machine cannot host a local SLURM (not root, no apt-get, install failed)."""
 
 
-def _free_ports(n: int) -> List[int]:
+def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:
@@ -82,18 +81,18 @@ class LocalSlurm:
     def __init__(self, workdir: os.PathLike, start_timeout_s: float = 60.0) -> None:
         self.workdir = Path(workdir).absolute()
         self.start_timeout_s = start_timeout_s
-        self.procs: Dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
         self.host = socket.gethostname().split(".")[0]
 
     @property
     def conf_path(self) -> Path:
         return self.workdir / "slurm.conf"
 
-    def env(self) -> Dict[str, str]:
+    def env(self) -> dict[str, str]:
         """Environment variables that point SLURM clients at this cluster."""
         return {"SLURM_CONF": str(self.conf_path)}
 
-    def _munge_files(self) -> Dict[str, Path]:
+    def _munge_files(self) -> dict[str, Path]:
         d = self.workdir / "munge"
         return {"dir": d, "key": d / "munge.key", "socket": d / "munge.socket",
                 "pid": d / "munged.pid", "log": d / "munged.log", "seed": d / "munged.seed"}
@@ -141,7 +140,7 @@ class LocalSlurm:
         ]
         self.conf_path.write_text("\n".join(lines) + "\n")
 
-    def _spawn(self, name: str, cmd: List[str]) -> None:
+    def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.workdir / f"{name}.out", "w")
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                             env=dict(os.environ, **self.env()),
@@ -176,7 +175,7 @@ class LocalSlurm:
                              env=dict(os.environ, **self.env()))
         return out.returncode == 0 and out.stdout.strip() == "idle"
 
-    def start(self) -> "LocalSlurm":
+    def start(self) -> LocalSlurm:
         """Install if needed, write config, start the three daemons, wait until the node is idle."""
         ensure_installed()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +215,7 @@ class LocalSlurm:
         self.procs.clear()
         (self.workdir / "daemons.json").unlink(missing_ok=True)
 
-    def __enter__(self) -> "LocalSlurm":
+    def __enter__(self) -> LocalSlurm:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -228,7 +227,7 @@ def _stop_from_pidfile(workdir: Path) -> None:
     path = workdir / "daemons.json"
     if not path.exists():
         raise SystemExit(f"no daemons.json in {workdir}: nothing started there")
-    for name, pid in reversed(list(json.loads(path.read_text()).items())):
+    for pid in reversed(list(json.loads(path.read_text()).values())):
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -242,7 +241,7 @@ def _stop_from_pidfile(workdir: Path) -> None:
     path.unlink()
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Start/stop a one-node SLURM for local trials.")
     parser.add_argument("action", choices=["start", "stop"])
     parser.add_argument("workdir", type=Path)

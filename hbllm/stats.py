@@ -17,8 +17,9 @@ group, and say whether two groups differ by more than their spread.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any
 
 # the run-config fields that repeat a config rather than change it
 REPEAT_KEYS = ("seed", "repeat")
@@ -27,7 +28,7 @@ ALPHA = 0.05
 SIGNIFICANT, WITHIN_NOISE, UNTESTED = "significant", "within noise", "untested"
 
 
-def group_key(config: Dict[str, Any]) -> str:
+def group_key(config: dict[str, Any]) -> str:
     """The identity of a resolved config without its seed and repeat
     (:func:`hbllm.results.experiment_id`): the runs of one config over seeds/repeats share it."""
     from .results import experiment_id
@@ -56,7 +57,7 @@ class Summary:
         return f"{g(self.mean)} ({spread}, {g(self.min)}-{g(self.max)})"
 
 
-def summarize(values: Sequence[float], log: bool = False) -> Optional[Summary]:
+def summarize(values: Sequence[float], log: bool = False) -> Summary | None:
     """Summary of the finite ``values`` (None when there are none). ``log``: geometric."""
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not vals:
@@ -81,7 +82,7 @@ class Comparison:
     """``b`` against ``a``: ratio of geometric means (b / a), the test's p-value, the verdict."""
 
     ratio: float
-    p: Optional[float]
+    p: float | None
     verdict: str
     n_a: int
     n_b: int

@@ -11,7 +11,7 @@ import logging
 import netrc
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from .config import RunConfig
 
@@ -44,7 +44,7 @@ def effective_mode(mode: str) -> str:
     return mode
 
 
-def run_identity(cfg: RunConfig) -> Dict[str, Any]:
+def run_identity(cfg: RunConfig) -> dict[str, Any]:
     """W&B run name, group, job type and tags derived from model, method and calibration set.
     The runs of one config over seeds/repeats share the default group and always the job type
     ``<method>-<config identity>`` (:func:`hbllm.stats.group_key`)."""
@@ -63,7 +63,7 @@ def run_identity(cfg: RunConfig) -> Dict[str, Any]:
 class Tracker:
     """A W&B run (or nothing when disabled). ``resolved``: the full resolved config dict."""
 
-    def __init__(self, cfg: RunConfig, resolved: Dict[str, Any], run_dir: Path, key: str):
+    def __init__(self, cfg: RunConfig, resolved: dict[str, Any], run_dir: Path, key: str):
         self.mode = effective_mode(cfg.logger.mode)
         self.run = None
         if self.mode == "disabled":
@@ -79,17 +79,17 @@ class Tracker:
                               # files the run dir rewrites later (results.json of a resumed run)
                               settings=wandb.Settings(symlink=False), **run_identity(cfg))
 
-    def log(self, metrics: Dict[str, Any]) -> None:
+    def log(self, metrics: dict[str, Any]) -> None:
         if self.run is not None:
             self.run.log(metrics)
 
-    def table(self, name: str, columns: List[str], rows: List[List[Any]]) -> None:
+    def table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
         if self.run is not None:
             import wandb
 
             self.run.log({name: wandb.Table(columns=columns, data=rows)})
 
-    def summary(self, metrics: Dict[str, Any]) -> None:
+    def summary(self, metrics: dict[str, Any]) -> None:
         if self.run is not None:
             self.run.summary.update(metrics)
 
@@ -99,7 +99,7 @@ class Tracker:
         if self.run is not None and Path(path).exists():
             self.run.save(str(path), base_path=str(base), policy="end")
 
-    def finish(self, exit_code: Optional[int] = None) -> None:
+    def finish(self, exit_code: int | None = None) -> None:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None

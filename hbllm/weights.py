@@ -4,8 +4,9 @@ A :class:`QuantWeight` is one ``(out, in)`` matrix that :func:`hbllm.quantize_we
 an ``nn.Linear`` weight, one expert's gate / up / down matrix inside a fused 3-D expert tensor
 (:mod:`hbllm.moe`), or a router's weight. Every weight has a kind (attention, mlp, experts,
 router, other) and a Hessian key: weights reading the same input (an expert's gate and up) share
-one Hessian, and so do linears called with the very same input tensor (q/k/v, gate/up). :func:`collect_hessians` records them all in one pass over the calibration windows,
-the experts' through the model's own routing.
+one Hessian, and so do linears called with the very same input tensor (q/k/v, gate/up).
+:func:`collect_hessians` records them all in one pass over the calibration windows, the experts'
+through the model's own routing.
 
 Coverage: every parameter of the decoder is counted as quantized or full precision, by kind.
 A matrix (2-D or more) that no :class:`QuantWeight` reaches fails the run (:func:`unreachable`)
@@ -14,15 +15,14 @@ unless ``quant.skip`` names it; routers stay full precision unless ``quant.quant
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .moe import (ExpertsHessians, accumulate_hessian, expert_matrices, fill_sparse_experts,
-                  find_fused_experts)
+from .moe import ExpertsHessians, accumulate_hessian, expert_matrices, fill_sparse_experts, find_fused_experts
 
 KINDS = ("attention", "mlp", "experts", "router", "other")
 
@@ -43,11 +43,11 @@ class QuantWeight:
     kind: str
     param: nn.Parameter
     hessian_key: str
-    expert: Optional[int] = None
+    expert: int | None = None
     rows: slice = field(default_factory=lambda: slice(None))
     transposed: bool = False
-    expert_name: Optional[str] = None
-    module: Optional[nn.Module] = None
+    expert_name: str | None = None
+    module: nn.Module | None = None
 
     def view(self) -> torch.Tensor:
         """The ``(out, in)`` matrix as a view of the parameter (writes go through)."""
@@ -91,10 +91,10 @@ def _is_router(name: str, module: nn.Module) -> bool:
             and ("router" in type(module).__name__.lower() or weight_kind(name) == "router"))
 
 
-def quantizable_weights(layer: nn.Module) -> List[QuantWeight]:
+def quantizable_weights(layer: nn.Module) -> list[QuantWeight]:
     """Every matrix of one decoder layer that the quantizer can reach, in module order."""
     fused = find_fused_experts(layer)
-    weights: List[QuantWeight] = []
+    weights: list[QuantWeight] = []
     for name, module in layer.named_modules():
         if name in fused:
             transposed = bool(getattr(module, "is_transposed", False))
@@ -113,12 +113,12 @@ def quantizable_weights(layer: nn.Module) -> List[QuantWeight]:
     return weights
 
 
-def _skipped(name: str, skip: Sequence[str]) -> Optional[str]:
+def _skipped(name: str, skip: Sequence[str]) -> str | None:
     return next((p for p in skip if fnmatchcase(name, p)), None)
 
 
-def select_weights(weights: List[QuantWeight], skip: Sequence[str], quantize_routers: bool
-                   ) -> Tuple[List[QuantWeight], Dict[str, str]]:
+def select_weights(weights: list[QuantWeight], skip: Sequence[str], quantize_routers: bool
+                   ) -> tuple[list[QuantWeight], dict[str, str]]:
     """Split ``weights`` into those to quantize and ``{name: why it stays full precision}``
     (``quant.skip <pattern>`` or ``router``)."""
     todo, left = [], {}
@@ -140,7 +140,7 @@ def is_matrix(name: str, p: torch.Tensor) -> bool:
     return p.dim() >= 2 and leaf != "bias" and not leaf.endswith("_bias")
 
 
-def unreachable(layer: nn.Module, weights: List[QuantWeight], skip: Sequence[str]) -> List[str]:
+def unreachable(layer: nn.Module, weights: list[QuantWeight], skip: Sequence[str]) -> list[str]:
     """``name (shape)`` of each matrix parameter (:func:`is_matrix`) of ``layer`` that no weight
     in ``weights`` covers and ``skip`` does not name (matched on the parameter's name and on its
     module's name)."""
@@ -172,11 +172,11 @@ class SharedInputHessians:
     gate/up) shares that module's accumulator; the sharing seen in the first window must hold
     in every window."""
 
-    def __init__(self, layer: nn.Module, modules: Dict[str, nn.Module]):
+    def __init__(self, layer: nn.Module, modules: dict[str, nn.Module]):
         self.modules = modules
-        self.owner: Dict[str, str] = {}  # module -> the module whose accumulator it uses
-        self.acc: Dict[str, InputHessian] = {}
-        self._window: List[tuple] = []  # (input tensor, owner) of the current forward
+        self.owner: dict[str, str] = {}  # module -> the module whose accumulator it uses
+        self.acc: dict[str, InputHessian] = {}
+        self._window: list[tuple] = []  # (input tensor, owner) of the current forward
         self._windows = 0
         self.handles = [layer.register_forward_pre_hook(self._new_window)]
         for name, module in modules.items():
@@ -207,7 +207,7 @@ class SharedInputHessians:
             h.remove()
         self._window = []
 
-    def hessians(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
+    def hessians(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """``({module: H}, {module: tokens})``; modules sharing an input share the tensor, a
         module never called (an expert no token was routed to) gets zeros and 0 tokens."""
         for name, module in self.modules.items():
@@ -219,8 +219,8 @@ class SharedInputHessians:
 
 
 @torch.no_grad()
-def collect_hessians(layer: nn.Module, weights: List[QuantWeight], forward: Callable[[], object]
-                     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
+def collect_hessians(layer: nn.Module, weights: list[QuantWeight], forward: Callable[[], object]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Run ``forward()`` (the layer over the calibration windows) once with hooks and return
     ``({hessian key: H (in, in) float32}, {hessian key: tokens seen})`` for ``weights``.
     An expert's Hessian holds exactly the tokens the model routed to it."""
@@ -248,13 +248,13 @@ def collect_hessians(layer: nn.Module, weights: List[QuantWeight], forward: Call
     return hessians, tokens
 
 
-def fill_sparse_expert_hessians(weights: List[QuantWeight], hessians: Dict[str, torch.Tensor],
-                                tokens: Dict[str, int], min_tokens: int) -> Dict[str, dict]:
+def fill_sparse_expert_hessians(weights: list[QuantWeight], hessians: dict[str, torch.Tensor],
+                                tokens: dict[str, int], min_tokens: int) -> dict[str, dict]:
     """Give every expert with fewer than ``min_tokens`` routed tokens the mean Hessian of the
     layer's experts with the same role (:func:`hbllm.moe.fill_sparse_experts`), in place.
     Returns per expert ``{"tokens": n, "hessian": "own" | "layer_mean" | "identity"}``."""
-    groups: Dict[str, List[str]] = {}
-    owner: Dict[str, str] = {}
+    groups: dict[str, list[str]] = {}
+    owner: dict[str, str] = {}
     for w in weights:
         if w.kind != "experts" or w.hessian_key in owner:
             continue
@@ -262,7 +262,7 @@ def fill_sparse_expert_hessians(weights: List[QuantWeight], hessians: Dict[str, 
         # the same role in every expert: key with the expert index replaced
         role = re.sub(r"\.\d+([.:])", r".*\1", w.hessian_key)
         groups.setdefault(role, []).append(w.hessian_key)
-    record: Dict[str, dict] = {}
+    record: dict[str, dict] = {}
     for keys in groups.values():
         sources = fill_sparse_experts([hessians[k] for k in keys], [tokens[k] for k in keys],
                                       min_tokens)
@@ -285,17 +285,17 @@ class Coverage:
 
     def __init__(self):
         self.by_kind = {k: {"quantized": 0, "full_precision": 0} for k in KINDS}
-        self.left: Dict[str, str] = {}
+        self.left: dict[str, str] = {}
         self.fp_bits = 0.0
         self.q_bits = {"paper": 0.0, "full": 0.0}
         self.q_numel = 0
         self.matrices = 0  # numel of every matrix parameter (:func:`is_matrix`) of the decoder
 
-    def add_layer(self, layer: nn.Module, weights: List[QuantWeight], quantized: set,
-                  left: Dict[str, str]) -> None:
+    def add_layer(self, layer: nn.Module, weights: list[QuantWeight], quantized: set,
+                  left: dict[str, str]) -> None:
         """Count every parameter of ``layer``: the weights named in ``quantized`` as quantized,
         the other weights and every remaining parameter (norms, biases) as full precision."""
-        covered: Dict[int, int] = {}
+        covered: dict[int, int] = {}
         for w in weights:
             slot = "quantized" if w.name in quantized else "full_precision"
             self.by_kind[w.kind][slot] += w.numel
@@ -311,12 +311,12 @@ class Coverage:
                 self.fp_bits += rest * param_bits(p)
         self.left.update(left)
 
-    def add_quantized(self, bits: Dict[str, float], numel: int) -> None:
+    def add_quantized(self, bits: dict[str, float], numel: int) -> None:
         self.q_bits["paper"] += bits["paper"] * numel
         self.q_bits["full"] += bits["full"] * numel
         self.q_numel += numel
 
-    def bits(self) -> Dict[str, float]:
+    def bits(self) -> dict[str, float]:
         """Bits per weight: ``paper`` / ``full`` over the quantized weights, ``decoder_paper`` /
         ``decoder_full`` over every decoder parameter (full-precision ones at their width)."""
         total = sum(v for d in self.by_kind.values() for v in d.values())

@@ -17,6 +17,7 @@ graph per step (static cache) and with eager ``generate``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -127,7 +128,7 @@ def tune(packs, l2: int, only=None) -> dict:
     chosen = {}
     for label, (packed, meta) in packs.items():
         rows, cols = meta["rows"], meta["cols"]
-        mods = copies(lambda: PackedLinear(packed, meta, device="cuda"), 8 << 20, l2)
+        mods = copies(functools.partial(PackedLinear, packed, meta, device="cuda"), 8 << 20, l2)
         for name, (table, tokens, configs) in sweeps.items():
             if only and name not in only:
                 continue
@@ -147,7 +148,7 @@ def tune(packs, l2: int, only=None) -> dict:
         del mods
         torch.cuda.empty_cache()
     if not only or "mm" in only:
-        mods = {k: copies(lambda: PackedLinear(p, m, device="cuda"), 8 << 20, l2)
+        mods = {k: copies(functools.partial(PackedLinear, p, m, device="cuda"), 8 << 20, l2)
                 for k, (p, m) in packs.items()}
         xs = {k: torch.randn(16, m["cols"], device="cuda", dtype=torch.float16)
               for k, (_, m) in packs.items()}
@@ -186,7 +187,7 @@ def bench_layers(packs, codes, bw: float, l2: int) -> list:
     rows_out = []
     for label, (packed, meta) in packs.items():
         rows, cols = meta["rows"], meta["cols"]
-        pk = copies(lambda: PackedLinear(packed, meta, device="cuda"), 8 << 20, l2)
+        pk = copies(functools.partial(PackedLinear, packed, meta, device="cuda"), 8 << 20, l2)
         pk_bytes = module_bytes(pk[0])
         w16 = [torch.nn.Linear(cols, rows, bias=False, device="cuda", dtype=torch.float16)
                for _ in range(max(2, math.ceil(2 * l2 / (rows * cols * 2))))]

@@ -93,7 +93,8 @@ class AuthorsCode:
                 out = torch.empty_like(w)
                 for s in range(0, w.shape[1], cfg.groupsize):  # their RTN is per row; groups here
                     q.find_params(w[:, s:s + cfg.groupsize], weight=True)
-                    out[:, s:s + cfg.groupsize] = self.quant.quantize(w[:, s:s + cfg.groupsize], q.scale, q.zero, q.maxq)
+                    group = w[:, s:s + cfg.groupsize]
+                    out[:, s:s + cfg.groupsize] = self.quant.quantize(group, q.scale, q.zero, q.maxq)
                 return out
             lin = self._linear(w)
             if cfg.method == "gptq":

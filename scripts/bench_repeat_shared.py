@@ -11,6 +11,7 @@ saving of sharing them can be set against the run's own ``timing`` in results.js
 """
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -45,11 +46,11 @@ def main(overrides) -> None:
     tok = timed("load tokenizer", lambda: load_tokenizer(rc.model))
     timed("load model", lambda: load_model(rc.model, rc.seed))
     for d in rc.eval.datasets:
-        timed(f"eval tokens {d}", lambda: get_eval_tokens(d, rc.data, tok, seqlen=seqlen,
-                                                         max_tokens=max_tokens))
+        timed(f"eval tokens {d}", functools.partial(get_eval_tokens, d, rc.data, tok, seqlen=seqlen,
+                                                    max_tokens=max_tokens))
     for seed in (0, 1):  # depends on the seed: shareable only between repeat-only runs
-        timed(f"calibration seed {seed}", lambda: get_calibration(
-            rc.calib, rc.data, tok, rc.calib.seqlen or rc.model.seqlen, seed))
+        timed(f"calibration seed {seed}", functools.partial(
+            get_calibration, rc.calib, rc.data, tok, rc.calib.seqlen or rc.model.seqlen, seed))
     shared = sum(v for k, v in times.items() if not k.startswith("calibration"))
     print(f"{'seed-independent total':28s} {shared:7.2f} s")
 

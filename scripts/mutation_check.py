@@ -21,7 +21,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclass
 class Mutant:
     name: str
-    edits: List[Tuple[str, str, str]]  # (file relative to the repo, old text, new text)
-    tests: List[str]  # pytest node ids / files relative to the repo
+    edits: list[tuple[str, str, str]]  # (file relative to the repo, old text, new text)
+    tests: list[str]  # pytest node ids / files relative to the repo
 
 
 MUTANTS = [
@@ -91,7 +90,7 @@ def apply(root: Path, mutant: Mutant) -> None:
         path.write_text(text.replace(old, new))
 
 
-def run_tests(root: Path, tests: List[str], stop_first: bool) -> Tuple[int, float, str]:
+def run_tests(root: Path, tests: list[str], stop_first: bool) -> tuple[int, float, str]:
     """(pytest exit code, seconds, output) of ``tests`` run in ``root``."""
     env = dict(os.environ, PYTHONPATH=str(root), WANDB_MODE="offline",
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -114,7 +113,7 @@ def tail(output: str, lines: int = 5) -> str:
     return "\n".join(output.strip().splitlines()[-lines:])
 
 
-def main(words: List[str]) -> int:
+def main(words: list[str]) -> int:
     mutants = [m for m in MUTANTS if not words or any(w in m.name for w in words)]
     if not mutants:
         sys.exit(f"no mutant matches {words}; names: {[m.name for m in MUTANTS]}")

@@ -6,12 +6,15 @@ layer (tiled layout) at a number of tokens (default 1), for ``ncu``:
     ... --kernel-name regex:hbllm_mma ... python3 scripts/profile_gemv.py mma 16
 """
 import sys
+from pathlib import Path
 
 import torch
 
 from hbllm.packed.format import linear_meta, pack_linear
 from hbllm.packed.module import PackedLinear
-from hbllm.packed.synthetic import random_codes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from packed_synthetic import random_codes  # noqa: E402 (the tests' random codes)
 
 codes = random_codes("row", 4096, 4096, max_k=12, seed=0)
 mod = PackedLinear(pack_linear(codes), linear_meta(codes), device="cuda")

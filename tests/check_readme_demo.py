@@ -17,6 +17,8 @@ import re
 import sys
 from pathlib import Path
 
+from hbllm.results import DONE, is_done
+
 REPO = Path(__file__).resolve().parents[1]
 FP_RTOL, QUANT_RTOL, BITS_ATOL = 0.01, 0.03, 0.0005
 
@@ -52,8 +54,8 @@ def run_dir(overrides: list) -> Path:
 
 def differences(table: dict, results: dict) -> list:
     out = []
-    if results.get("status") != "done":
-        out.append(f"status {results.get('status')!r}, not 'done'")
+    if not is_done(results):
+        out.append(f"status {results.get('status')!r}, not {DONE!r}")
     for d, (fp, q) in table["ppl"].items():
         for got, want, rtol, what in ((results.get("baseline_ppl", {}).get(d), fp, FP_RTOL, "fp"),
                                       (results.get("ppl", {}).get(d), q, QUANT_RTOL, "hbllm")):

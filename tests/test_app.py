@@ -1,10 +1,9 @@
 """The app end to end on a tiny random LLaMA: results.json, W&B, resume, fail-fast data errors."""
 import json
-import socket
 import shutil
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -26,22 +26,22 @@ def problem(cols: int, seed: int = 0):
 
 def hand_bits(cfg, R: int, C: int, k: int) -> tuple:
     """(paper, full) bits of one block of R rows, C columns, k salient (docs/quantizers.md)."""
-    I = math.ceil(math.log2(cfg.blocksize))
+    IDX = math.ceil(math.log2(cfg.blocksize))
     S = FP * (3 if cfg.shared_mean else 4)
-    residual = 2 * R * k + 2 * (R // 2) * 4 * FP + k * I
+    residual = 2 * R * k + 2 * (R // 2) * 4 * FP + k * IDX
     if cfg.method == "hbllm" and cfg.layout == "row":
         return R * C + R * k, 2 * R * C + 2 * R * S + residual
     if cfg.method == "hbllm":
         return R * (C - k) + R * k, 2 * R * (C - k) + 2 * (R // 2) * S + residual
     if cfg.method == "billm":
-        return R * (C - k) + 2 * R * k, 2 * R * (C - k) + 64 * R + 2 * R * k + 64 * R + k * I
+        return R * (C - k) + 2 * R * k, 2 * R * (C - k) + 64 * R + 2 * R * k + 64 * R + k * IDX
     if cfg.method.startswith("arbllm"):  # docs/arbllm.md: signs, CGB bits, indices, fp16 stats
         n, G = C - k, 2 if cfg.cgb else 1
         paper = R * n + 2 * R * k
         member = R * n + (R * k if cfg.cgb else 0)
         stats = (2 * 2 * R + G * 3 * R if cfg.method == "arbllm_x"  # (mean, alpha) / (mean, a0, a1)
                  else 2 * (R + n) + G * 2 * (R + k))  # rc: row scales and column scales per group
-        return paper, paper + member + k * I + FP * stats
+        return paper, paper + member + k * IDX + FP * stats
     assert cfg.method == "sign" and k == 0
     return R * C, R * C + 32 * R
 

@@ -12,11 +12,10 @@ import pytest
 import torch
 
 import hbllm.data.sources as sources
+from conftest import REPO
 from hbllm import hub
 from hbllm.config import CalibConfig, DataConfig
-from conftest import REPO
 from hbllm.data import DataUnavailable, get_calibration, get_eval_tokens, wiki_sample
-
 
 # Training text of the test tokenizer: the repository's own docs (in every clone), so the tests
 # that need only synthetic files never depend on ../shared/data.

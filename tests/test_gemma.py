@@ -4,10 +4,11 @@ import copy
 import pytest
 import torch
 
+from conftest import find_linears
 from hbllm.config import CalibConfig, DataConfig, QuantConfig
 from hbllm.data import get_calibration, get_eval_tokens
 from hbllm.eval.perplexity import perplexity
-from hbllm.models import find_layers, find_linears
+from hbllm.models import find_layers
 from hbllm.pipeline import quantize_model
 from test_pipeline import layerwise_output, model_output
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import find_linears
 from hbllm.config import ModelConfig
-from hbllm.models import (ModelUnavailable, byte_tokenizer, find_layers, find_linears,
-                          load_model, load_tokenizer)
+from hbllm.models import ModelUnavailable, byte_tokenizer, find_layers, load_model, load_tokenizer
 
 EXPECTED = {
     "tiny-llama": ("model.layers", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",

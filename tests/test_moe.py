@@ -50,16 +50,16 @@ def test_expert_weights_partition_the_fused_tensors(kind):
     assert torch.equal(experts.gate_up_proj.data, torch.ones_like(experts.gate_up_proj))
     assert torch.equal(experts.down_proj.data, torch.ones_like(experts.down_proj))
     # (out, in) orientation and gate rows: interleaved for GPT-OSS, [gate; up] otherwise
-    I = experts.down_proj.shape[1 if experts.is_transposed else 2]
+    inter = experts.down_proj.shape[1 if experts.is_transposed else 2]
     gate = next(w for w in weights if w.name == f"{name}.1.gate_proj")
     up = next(w for w in weights if w.name == f"{name}.1.up_proj")
     down = next(w for w in weights if w.name == f"{name}.1.down_proj")
-    assert tuple(gate.get().shape) == (I, model.config.hidden_size)
-    assert tuple(down.get().shape) == (model.config.hidden_size, I)
+    assert tuple(gate.get().shape) == (inter, model.config.hidden_size)
+    assert tuple(down.get().shape) == (model.config.hidden_size, inter)
     torch.nn.init.normal_(experts.gate_up_proj)
     full = expert_matrix(experts, experts.gate_up_proj, 1)
     rows = (slice(0, None, 2), slice(1, None, 2)) if not experts.is_concatenated \
-        else (slice(0, I), slice(I, 2 * I))
+        else (slice(0, inter), slice(inter, 2 * inter))
     assert torch.equal(gate.get(), full[rows[0]]) and torch.equal(up.get(), full[rows[1]])
 
 

@@ -12,8 +12,7 @@ import yaml
 from hbllm.jitter import EPS, jitter_hessian
 from hbllm.report import build_report, main
 from hbllm.results import model_key
-from hbllm.stats import (SIGNIFICANT, UNTESTED, WITHIN_NOISE, compare, group_key, min_p_value,
-                         summarize)
+from hbllm.stats import SIGNIFICANT, UNTESTED, WITHIN_NOISE, compare, group_key, min_p_value, summarize
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SEPARATED = ([100.0, 103.0, 98.0, 101.0, 99.5], [150.0, 158.0, 147.0, 152.0, 149.0])

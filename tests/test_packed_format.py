@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from hbllm.packed.codes import dequantize, from_quantizer
+from hbllm.packed.format import linear_meta, pack_linear, packbits, unpack_linear, unpackbits
 from hbllm.packed.module import PackedLinear
-from hbllm.packed.format import pack_linear, packbits, unpack_linear, unpackbits, linear_meta
-from hbllm.packed.runtime import (build_runtime, pack_words, torch_forward, unpack_words)
-from hbllm.packed.synthetic import random_codes
+from hbllm.packed.runtime import build_runtime, pack_words, torch_forward, unpack_words
+from packed_synthetic import random_codes
 
 CASES = [("row", False, "exact"), ("row", True, "exact"), ("col", False, "exact"),
          ("col", True, "authors"), ("row", False, "authors")]

@@ -21,8 +21,8 @@ from hbllm.packed.runtime import (
     untile,
     word_vec,
 )
-from hbllm.packed.synthetic import random_codes
 from hbllm.quant.haar import INVERSE
+from packed_synthetic import random_codes
 
 CASES = [("row", False, "exact", 128), ("row", True, "exact", 64), ("col", False, "exact", 128),
          ("col", True, "authors", 64), ("row", False, "authors", 128)]

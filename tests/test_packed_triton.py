@@ -7,7 +7,7 @@ from hbllm.packed import cuda_lut, cuda_mma, module
 from hbllm.packed.codes import dequantize
 from hbllm.packed.format import linear_meta, pack_linear
 from hbllm.packed.module import GEMV_MAX_TOKENS, MMA_MAX_TOKENS, PackedLinear, triton_kernels
-from hbllm.packed.synthetic import random_codes
+from packed_synthetic import random_codes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or triton_kernels is None,
                                 reason="needs CUDA and triton")

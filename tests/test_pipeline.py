@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from conftest import find_linears
 from hbllm.config import QuantConfig
-from hbllm.models import find_layers, find_linears
+from hbllm.models import find_layers
 from hbllm.pipeline import capture_inputs, layer_hessians, quantize_model, run_layer
 
 CPU = torch.device("cpu")

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import reference_arbllm as ref
-from hbllm.quant.arbllm import (ArbCodes, arb1, arb2, arb_bits, arb_block, plain_split, rc1, rc2,
-                                refine_x, salient_split)
+from hbllm.quant.arbllm import ArbCodes, arb1, arb2, arb_bits, arb_block, plain_split, rc1, rc2, refine_x, salient_split
 from hbllm.quant.binarize import binarize, binarize2
 from hbllm.quant.gptq import upper_inverse_cholesky
 

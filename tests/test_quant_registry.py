@@ -5,11 +5,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from conftest import compose
 from hbllm.config import QuantConfig, validate
 from hbllm.quant import Method, get_method, method_names, quantize_weight, registry
 from hbllm.quant.bits import FP_BITS
-
-from conftest import compose
 
 EVERY_METHOD = [dict(method="hbllm"), dict(method="hbllm", layout="col", shared_mean=True),
                 dict(method="billm"), dict(method="sign"), dict(method="rtn", wbits=2, groupsize=32),

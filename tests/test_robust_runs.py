@@ -11,7 +11,7 @@ import torch
 
 from conftest import REPO, compose
 from hbllm import app
-from hbllm.results import Results, RunLock, finished
+from hbllm.results import Results, RunLock
 from test_app import TINY, no_model
 from test_report import app_env
 

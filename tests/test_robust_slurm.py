@@ -11,8 +11,8 @@ import pytest
 
 from conftest import REPO, compose
 from hbllm import app
-from test_robust_runs import TINY3
 from test_report import app_env
+from test_robust_runs import TINY3
 from test_slurm import slurm  # noqa: F401  (the local cluster fixture)
 
 # Loaded by every Python of the job (PYTHONPATH): each stored layer takes a few seconds more,

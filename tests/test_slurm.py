@@ -17,7 +17,7 @@ from test_report import app_env, md_tables, run_tiny_sweep
 
 # A throwaway Hydra app on the hbllm launcher presets: job "kill" dies like a job the cluster
 # killed (no Python exception to report), job "raise" raises, the others write results.json.
-FAKE_APP = textwrap.dedent(f"""
+FAKE_APP = textwrap.dedent("""
     import json, os
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -29,12 +29,12 @@ FAKE_APP = textwrap.dedent(f"""
         if cfg.mode == "raise":
             raise RuntimeError("bad run")
         out = HydraConfig.get().runtime.output_dir
-        json.dump({{"status": "done", "mode": cfg.mode, "pid": os.getpid()}},
+        json.dump({"status": "done", "mode": cfg.mode, "pid": os.getpid()},
                   open(os.path.join(out, "results.json"), "w"))
 
     if __name__ == "__main__":
         from hydra.core.config_store import ConfigStore
-        ConfigStore.instance().store(name="cfg", node={{"mode": "ok"}})
+        ConfigStore.instance().store(name="cfg", node={"mode": "ok"})
         main()
 """)
 

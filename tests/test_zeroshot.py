@@ -79,7 +79,8 @@ class GoldLM(HFLM):
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         out = []
         for inst in requests:
-            if inst.request_type == "loglikelihood" and self.task_objects[inst.task_name].OUTPUT_TYPE == "loglikelihood":
+            output_type = self.task_objects[inst.task_name].OUTPUT_TYPE
+            if inst.request_type == "loglikelihood" and output_type == "loglikelihood":
                 out.append((0.0, True))  # lambada: the target word is the greedy continuation
             else:
                 gold = self._gold(inst) == inst.idx

@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import compose, wandb_logged
 
+from conftest import compose, wandb_logged
 from hbllm import app
 
 DATA = Path(__file__).parent / "data" / "zeroshot"

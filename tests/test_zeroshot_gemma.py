@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, require
 
+from conftest import SHARED_DATA, require
 from hbllm.config import ZeroShotConfig
 from hbllm.eval.zeroshot import run_zeroshot
 from hbllm.tasks import local

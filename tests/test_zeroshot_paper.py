@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
-from test_presets import _compose, _validate, expand
 
 from hbllm import reference
 from hbllm.app import format_table
 from hbllm.config import ZEROSHOT_TASKS
 from hbllm.report import build_report
+from test_presets import _compose, _validate, expand
 
 TABLE1_METHODS = ["fp16", "billm", "hbllm_row", "hbllm_col"]
 

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from hbllm.results import is_done
+
 SETS = ("wikitext2", "ptb", "wiki_sample")
 ORDER = ("fp16", "sign", "billm", "hbllm_row", "hbllm_col", "hbllm_row_shared", "hbllm_col_shared")
 
@@ -21,7 +23,7 @@ def load_all(runs: Path, sweep: str) -> list:
     out = []
     for f in sorted((runs / sweep).glob("*/*/results.json")):
         res = json.loads(f.read_text())
-        if res.get("status") == "done":
+        if is_done(res):
             out.append((f.parent.parent.name, res))
     return out
 

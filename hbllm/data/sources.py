@@ -7,15 +7,12 @@ that cannot be had raises :class:`DataUnavailable` quickly; nothing here waits o
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
 
 import datasets
 
 from .. import hub
-
 
 
 class DataUnavailable(RuntimeError):
@@ -31,16 +28,16 @@ class HubSource:
     """
 
     path: str
-    name: Optional[str]
-    data_files: Optional[Dict[str, str]]
+    name: str | None
+    data_files: dict[str, str] | None
     column: str
-    local: Dict[str, Tuple[str, str]]
+    local: dict[str, tuple[str, str]]
 
 
 C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz",
             "validation": "en/c4-validation.00000-of-00008.json.gz"}
 
-SOURCES: Dict[str, HubSource] = {
+SOURCES: dict[str, HubSource] = {
     "wikitext2": HubSource("wikitext", "wikitext-2-raw-v1", None, "text",
                            {"train": ("wikitext-2-raw", "wiki.train.raw"),
                             "validation": ("wikitext-2-raw", "wiki.valid.raw"),
@@ -133,26 +130,10 @@ def _load_local(name: str, src: HubSource, split: str, local_dir: Path) -> datas
     return ds.map(lambda b: {"text": [t.strip() for t in b["text"]]}, batched=True)
 
 
-@contextlib.contextmanager
-def _forced_offline(enabled: bool):
-    """Make ``datasets`` / ``huggingface_hub`` use only their local cache inside the block."""
-    if not enabled:
-        yield
-        return
-    from huggingface_hub import constants
-
-    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
-
-
 def _load_hub(name: str, src: HubSource, split: str, offline: bool) -> datasets.Dataset:
     reason = hub.offline_reason("data.offline=true" if offline else None)
     try:
-        with _forced_offline(reason is not None):
+        with hub.forced_offline(reason is not None):
             files = {split: src.data_files[split]} if src.data_files else None  # only this split
             ds = datasets.load_dataset(src.path, src.name, data_files=files, split=split)
     except OSError as exc:  # ConnectionError, FileNotFoundError (not on hub / not cached)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import List, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -34,7 +33,7 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", verbose=False).input_ids.long()
 
 
-def read_text_files(files: List[str], what: str) -> List[str]:
+def read_text_files(files: list[str], what: str) -> list[str]:
     """Whole contents of ``files`` (one string per file), read with ``datasets``' text loader."""
     import datasets
 
@@ -68,8 +67,8 @@ def eval_text(name: str, data) -> str:
     raise ValueError(f"unknown evaluation dataset {name!r}")
 
 
-def get_eval_tokens(name: str, data, tokenizer, seqlen: Optional[int] = None,
-                    max_tokens: Optional[int] = None) -> torch.Tensor:
+def get_eval_tokens(name: str, data, tokenizer, seqlen: int | None = None,
+                    max_tokens: int | None = None) -> torch.Tensor:
     """Evaluation stream of ``name``, a LongTensor (1, ntokens).
 
     seqlen: evaluation window length; c4 is cut to ``256 * seqlen`` tokens (required for c4

@@ -1,12 +1,12 @@
 """``wiki_sample``: the English Wikipedia sample shipped in the gensim wheel, as plain text.
 
 The MediaWiki XML dump (206 pages, 106 of them articles; the rest are redirects) is parsed with
-gensim's ``extract_pages`` and ``filter_wiki``, then the wiki formatting that ``filter_wiki``
-keeps (bold/italic quotes, ``== headings ==``, list bullets, gallery ``File:...|caption`` lines,
-``alt=`` image texts, image sizes and options, stray ``|``) is reduced to plain lines. Articles are split BY ARTICLE: article number
-``k`` (0-based, dump order) goes to the evaluation part when ``k % EVAL_EVERY == EVAL_EVERY - 1``,
-to the calibration part otherwise. The extracted articles are cached as JSON under
-``$HBLLM_CACHE`` (default ``~/.cache/hbllm``), keyed by the dump's sha256.
+gensim's ``extract_pages`` and ``filter_wiki``, then the wiki formatting that ``filter_wiki`` keeps
+(bold/italic quotes, ``== headings ==``, list bullets, gallery ``File:...|caption`` lines, ``alt=``
+image texts, image sizes and options, stray ``|``) is reduced to plain lines. Articles are split BY
+ARTICLE: article number ``k`` (0-based, dump order) goes to the evaluation part when
+``k % EVAL_EVERY == EVAL_EVERY - 1``, to the calibration part otherwise. The extracted articles are
+cached as JSON under ``$HBLLM_CACHE`` (default ``~/.cache/hbllm``), keyed by the dump's sha256.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, List
 
 from .sources import DataUnavailable
 
@@ -61,7 +60,7 @@ def clean_article(raw: str) -> str:
     return _BLANKS.sub("\n\n", "\n".join(lines)).strip()
 
 
-def articles() -> List[Dict[str, str]]:
+def articles() -> list[dict[str, str]]:
     """All articles of the dump in dump order: [{"title", "text"}] (text starts with the title)."""
     path = dump_path()
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -85,7 +84,7 @@ def articles() -> List[Dict[str, str]]:
     return out
 
 
-def split(part: str) -> List[Dict[str, str]]:
+def split(part: str) -> list[dict[str, str]]:
     """The ``calib`` or ``eval`` part of the articles (disjoint, together all articles)."""
     if part not in ("calib", "eval"):
         raise ValueError(f"wiki_sample part must be 'calib' or 'eval', not {part!r}")

@@ -3,7 +3,6 @@ into ``ntokens // seqlen`` windows of ``seqlen`` tokens; ppl = exp(mean next-tok
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
-def windows(tokens: torch.Tensor, seqlen: int, max_windows: Optional[int] = None) -> torch.Tensor:
+def windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """(nwindows, seqlen) non-overlapping windows of a (1, ntokens) stream (tail dropped)."""
     n = tokens.numel() // seqlen
     if max_windows is not None:
@@ -23,9 +22,9 @@ def windows(tokens: torch.Tensor, seqlen: int, max_windows: Optional[int] = None
 
 @torch.no_grad()
 def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int,
-               max_windows: Optional[int] = None, batch_size: int = 1,
-               device: Optional[torch.device] = None, desc: str = "ppl",
-               bos_id: Optional[int] = None) -> float:
+               max_windows: int | None = None, batch_size: int = 1,
+               device: torch.device | None = None, desc: str = "ppl",
+               bos_id: int | None = None) -> float:
     """Perplexity of ``model`` (already on ``device``) over the windows of ``tokens`` (1, ntokens),
     using the plain batched ``model(input_ids)`` forward; every window has the same size, so
     this equals exp of the mean of the per-window losses. ``bos_id``: prepend this token to

@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any
 
 from hbllm import hub
 from hbllm.config import ZEROSHOT_AVERAGES, ZeroShotConfig
@@ -108,8 +109,8 @@ def summarize(out: dict, average: str = "acc") -> dict:
     if average not in ZEROSHOT_AVERAGES:
         raise ValueError(f"average={average!r} is not one of {list(ZEROSHOT_AVERAGES)}")
     groups = set(out.get("groups", {}))
-    summary: Dict[str, dict] = {}
-    scores: List[float] = []
+    summary: dict[str, dict] = {}
+    scores: list[float] = []
     for task, metrics in out["results"].items():
         if task in groups:
             continue
@@ -132,12 +133,12 @@ def summarize(out: dict, average: str = "acc") -> dict:
     return summary
 
 
-def task_rows(summary: dict) -> Dict[str, dict]:
+def task_rows(summary: dict) -> dict[str, dict]:
     """The per-task entries of a :func:`summarize` result (without average / average_metric)."""
     return {task: row for task, row in summary.items() if isinstance(row, dict)}
 
 
-def _score_key(base: Dict[str, str], higher_is_better: dict, average: str) -> Optional[str]:
+def _score_key(base: dict[str, str], higher_is_better: dict, average: str) -> str | None:
     """The result key a task contributes to the average: ``acc_norm`` when ``average`` is
     ``acc_norm_if_any`` and the task has it, else ``acc``, else its first higher-is-better
     metric (``base`` maps result keys to lm-eval metric names)."""
@@ -148,7 +149,7 @@ def _score_key(base: Dict[str, str], higher_is_better: dict, average: str) -> Op
     return next((key for key, name in base.items() if higher_is_better.get(name)), None)
 
 
-def _missing_data_error(tasks: List[str], local_dir: Optional[str], reason: str) -> RuntimeError:
+def _missing_data_error(tasks: list[str], local_dir: str | None, reason: str) -> RuntimeError:
     lines = []
     for task in tasks:
         if task in local.local_task_names():
@@ -163,7 +164,7 @@ def _missing_data_error(tasks: List[str], local_dir: Optional[str], reason: str)
         "tasks from eval.zeroshot.tasks.")
 
 
-def _check_hub_tasks(tasks: List[str], local_dir: Optional[str]) -> None:
+def _check_hub_tasks(tasks: list[str], local_dir: str | None) -> None:
     """Fail at once when tasks need the hub, the hub is unreachable and no offline flag
     lets ``datasets`` use its cache (checked later by :func:`_check_hub_cache`)."""
     if not tasks:
@@ -171,19 +172,16 @@ def _check_hub_tasks(tasks: List[str], local_dir: Optional[str]) -> None:
     reason = hub.offline_reason()
     if reason is None:
         return
-    from datasets import config as ds_config
-
-    if not ds_config.HF_HUB_OFFLINE:  # datasets would retry the network for each task
+    if not hub.offline_setting():  # datasets would retry the network for each task
         raise _missing_data_error(tasks, local_dir, reason + "; set HF_DATASETS_OFFLINE=1 to use "
                                   "datasets already in the Hugging Face cache")
 
 
-def _check_hub_cache(tasks: List[str], manager, local_dir: Optional[str]) -> None:
+def _check_hub_cache(tasks: list[str], manager, local_dir: str | None) -> None:
     """In ``datasets`` offline mode, require each hub task's dataset to be in the HF cache."""
-    from datasets import config as ds_config
     from datasets import load_dataset_builder
 
-    if not tasks or not ds_config.HF_HUB_OFFLINE:
+    if not tasks or not hub.offline_setting():
         return
     missing = []
     for task in tasks:

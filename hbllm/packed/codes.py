@@ -8,11 +8,13 @@ Row layout, per block of ``blocksize`` columns: ``low``/``high`` are the column-
 block (rows x blocksize/2); ``sal_low``/``sal_high`` the row-Haar bands of the salient residual
 (rows/2 x k). Col layout: ``low``/``high`` are the row-Haar bands of the non-salient columns
 (rows/2 x (blocksize-k), in column order); the salient residual is as in the row layout.
+
+Decoding is the quantizer's: :func:`to_quantizer` turns the codes back into
+:class:`hbllm.quant.hbllm.HBLLMCodes` and :func:`dequantize` calls their ``dequantize``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 
@@ -42,14 +44,6 @@ class BandCodes:
     def shared_mean(self) -> bool:
         return self.mean.shape[1] == 1
 
-    def dequantize(self) -> torch.Tensor:
-        """The band's values, float32 (r, n), from fp16-rounded statistics."""
-        mean = self.mean.to(torch.float16).float().expand(-1, 2)
-        scale = self.scale.to(torch.float16).float()
-        g = self.member.long()
-        m, a = mean.gather(1, g), scale.gather(1, g)
-        return m + torch.where(self.sign, a, -a)
-
 
 @dataclass
 class BlockCodes:
@@ -59,8 +53,8 @@ class BlockCodes:
     salient: torch.Tensor
     low: BandCodes
     high: BandCodes
-    sal_low: Optional[BandCodes] = None
-    sal_high: Optional[BandCodes] = None
+    sal_low: BandCodes | None = None
+    sal_high: BandCodes | None = None
 
 
 @dataclass
@@ -72,7 +66,7 @@ class LinearCodes:
     cols: int
     blocksize: int
     inverse: str
-    blocks: List[BlockCodes]
+    blocks: list[BlockCodes]
 
     def __post_init__(self) -> None:
         if self.layout not in ("row", "col"):
@@ -84,28 +78,46 @@ class LinearCodes:
             raise ValueError(f"{len(self.blocks)} blocks for cols={self.cols}, blocksize={self.blocksize}")
 
 
-def dequantize(codes: LinearCodes) -> torch.Tensor:
-    """Reconstruct the (rows, cols) float32 weight from its codes, block by block
-    (docs/method.md 5)."""
-    from ..quant.haar import haar_inverse
+def _stacked(low: BandCodes, high: BandCodes):
+    """Two bands as the quantizer's stacked :class:`~hbllm.quant.split_search.SplitCodes`
+    ``(2, r, n)``: signs as -1/+1, statistics rounded to fp16 as the format stores them (a shared
+    mean as two equal means)."""
+    from ..quant.split_search import SplitCodes
 
-    bs = codes.blocksize
+    def stat(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float16).float().expand(-1, 2)
+
+    sign = torch.stack((low.sign, high.sign)).to(torch.int8) * 2 - 1
+    return SplitCodes(torch.stack((low.member, high.member)), sign,
+                      torch.stack((stat(low.mean), stat(high.mean))),
+                      torch.stack((stat(low.scale), stat(high.scale))))
+
+
+def to_quantizer(codes: LinearCodes) -> list:
+    """The inverse of :func:`from_quantizer`: one :class:`hbllm.quant.hbllm.HBLLMCodes` per block,
+    with the statistics the format stores (fp16)."""
+    from ..quant.hbllm import HBLLMCodes
+
     out = []
     for blk in codes.blocks:
-        low, high = blk.low.dequantize(), blk.high.dequantize()
-        sal = blk.salient.long().to(low.device)
-        if codes.layout == "row":
-            w = haar_inverse(low, high, dim=1, inverse=codes.inverse)
+        main = _stacked(blk.low, blk.high)
+        sal = blk.salient.long().to(main.sign.device)
+        if blk.sal_low is None:  # no salient column: an empty residual of rows/2 rows
+            none = torch.zeros(codes.rows // 2, 0, dtype=torch.bool, device=sal.device)
+            stats = torch.zeros(codes.rows // 2, 2, device=sal.device)
+            residual = _stacked(BandCodes(none, none, stats, stats), BandCodes(none, none, stats, stats))
         else:
-            keep = torch.ones(bs, dtype=torch.bool, device=low.device)
-            keep[sal] = False
-            w = low.new_zeros(codes.rows, bs)
-            w[:, keep] = haar_inverse(low, high, dim=0, inverse=codes.inverse)
-        if blk.sal_low is not None:
-            w[:, sal] += haar_inverse(blk.sal_low.dequantize(), blk.sal_high.dequantize(),
-                                      dim=0, inverse=codes.inverse)
-        out.append(w)
-    return torch.cat(out, dim=1)
+            residual = _stacked(blk.sal_low, blk.sal_high)
+        out.append(HBLLMCodes(sal, main, residual, codes.layout, codes.inverse, codes.blocksize))
+    return out
+
+
+def dequantize(codes: LinearCodes) -> torch.Tensor:
+    """The (rows, cols) float32 weight the codes stand for: each block decoded by the quantizer's
+    own :meth:`hbllm.quant.hbllm.HBLLMCodes.dequantize` (the one owner of the HBLLM decode; the
+    packed format owns only its bit layout, :mod:`hbllm.packed.format`, and its kernels, which the
+    tests check against this)."""
+    return torch.cat([blk.dequantize() for blk in to_quantizer(codes)], dim=1)
 
 
 def _bands(split, h: int) -> BandCodes:

@@ -30,7 +30,6 @@ blocksize / 32).
 from __future__ import annotations
 
 import functools
-from typing import Dict
 
 import torch
 
@@ -42,7 +41,7 @@ MAX_TOKENS = 4
 # on an H100 with the row-major layout (experiments/benchmarks/RESULTS.md); TUNED: per
 # (rows, cols, tokens a launch), as ``--tune`` prints it for the tiled layout.
 CONFIG = {"warps": 4, "cb": 2}
-TUNED: Dict[tuple, dict] = {  # H200, 2026-11-29 (experiments/benchmarks/raw/kernel_tiled_2026-11-29.json)
+TUNED: dict[tuple, dict] = {  # H200, 2026-11-29 (experiments/benchmarks/raw/kernel_tiled_2026-11-29.json)
     (4096, 4096, 1): {"warps": 8, "cb": 2}, (4096, 4096, 4): {"warps": 8, "cb": 2},
     (11008, 4096, 1): {"warps": 4, "cb": 2}, (11008, 4096, 4): {"warps": 8, "cb": 1},
     (4096, 11008, 1): {"warps": 4, "cb": 2}, (4096, 11008, 4): {"warps": 8, "cb": 1},
@@ -261,7 +260,7 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(row: bool, nt: int, bf16: bool, bs: int, cb: int, mv: int, msv: int, ssv: int,
             svec: bool, ssvec: bool, device: int):
     name = (f"hbllm_lut_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}_{cb}"
@@ -277,7 +276,7 @@ def macros(row: bool, nt: int, bf16: bool, bs: int, cb: int, mv: int, msv: int, 
                 SVEC=int(svec), SSVEC=int(ssvec))
 
 
-def variant(rt: Dict[str, torch.Tensor], meta: dict, nt: int, bf16: bool, cb: int) -> tuple:
+def variant(rt: dict[str, torch.Tensor], meta: dict, nt: int, bf16: bool, cb: int) -> tuple:
     """Kernel variant for a layer's buffers: (row, nt, bf16, bs, cb, word vector, main and salient
     statistics vectors, 16-byte statistics loads for main and salient)."""
     row, bs = meta["layout"] == "row", meta["blocksize"]
@@ -288,7 +287,7 @@ def variant(rt: Dict[str, torch.Tensor], meta: dict, nt: int, bf16: bool, cb: in
     return row, nt, bf16, bs, cb, mv, msv, ssv, svec, ssvec
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def available() -> bool:
     """Whether the NVRTC kernel compiles here (CUDA, PyTorch >= 2.9)."""
     if not nvrtc.supported():
@@ -316,7 +315,7 @@ def _scratch(meta: dict, device: torch.device, tiles: int, scratch: dict) -> dic
     return scratch[key]
 
 
-def gemv(x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float,
+def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
          scratch: dict) -> torch.Tensor:
     """y (N, R) = x (N, C) W^T for few tokens, fp16 or bf16, x contiguous on CUDA. ``scratch``:
     a dict the caller keeps per layer (workspace and counters, zeroed at the first call)."""

@@ -24,7 +24,6 @@ salient both feed the low/high tiles of the pair output.
 from __future__ import annotations
 
 import functools
-from typing import Dict
 
 import torch
 
@@ -34,7 +33,7 @@ MAX_TOKENS = 16  # two n-tiles of the MMA (8 tokens each) share each loaded word
 # Warps per block: CONFIG, the fallback (best of scripts/bench_kernel.py --tune summed over the 7B
 # shapes on an H100, row-major layout); TUNED per (rows, cols, tokens), as ``--tune`` prints it.
 CONFIG = {"ksplit": 16}
-TUNED: Dict[tuple, dict] = {  # H200, 2026-11-29 (experiments/benchmarks/raw/kernel_tiled_2026-11-29.json)
+TUNED: dict[tuple, dict] = {  # H200, 2026-11-29 (experiments/benchmarks/raw/kernel_tiled_2026-11-29.json)
     (4096, 4096, 8): {"ksplit": 16}, (4096, 4096, 16): {"ksplit": 8},
     (11008, 4096, 8): {"ksplit": 16}, (11008, 4096, 16): {"ksplit": 16},
     (4096, 11008, 8): {"ksplit": 8}, (4096, 11008, 16): {"ksplit": 4},
@@ -299,7 +298,7 @@ extern "C" __global__ void __launch_bounds__(NTILE == 2 ? 256 : 512) NAME(PACKED
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(row: bool, nt: int, bf16: bool, bs: int, mv: int, msv: int, ssv: int, device: int):
     name = (f"hbllm_mma_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}"
             f"_{mv}{msv}{ssv}")
@@ -312,7 +311,7 @@ def macros(row: bool, nt: int, bf16: bool, bs: int, mv: int, msv: int, ssv: int)
     return dict(ROW=int(row), NT=nt, DT=int(bf16), BS=bs, MV=mv, MSV=msv, SSV=ssv, SU=8)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def available() -> bool:
     """Whether the NVRTC kernel compiles here (CUDA, PyTorch >= 2.9, sm_80 or newer)."""
     if not nvrtc.supported() or torch.cuda.get_device_capability()[0] < 8:
@@ -345,7 +344,7 @@ def fits(cols: int, sal_words: int, device: torch.device) -> bool:
     return smem_bytes(cols, sal_words, 1, CONFIG["ksplit"]) <= nvrtc.smem_limit(nvrtc.device_index(device))
 
 
-def gemv(x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float) -> torch.Tensor:
+def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float) -> torch.Tensor:
     """y (N, R) = x (N, C) W^T for up to a few tokens, fp16 or bf16, x contiguous on CUDA."""
     n, cols = x.shape
     sal_words = rt["sal_wgrp"].numel()

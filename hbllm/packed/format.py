@@ -14,8 +14,6 @@ Group 1 is the ``|x| >= t`` group; a sign bit of 1 means ``+scale``.
 """
 from __future__ import annotations
 
-from typing import Dict
-
 import torch
 
 from .codes import BandCodes, BlockCodes, LinearCodes
@@ -54,7 +52,7 @@ def _stats(band: BandCodes) -> torch.Tensor:
     return s.to(torch.float16)
 
 
-def pack_linear(codes: LinearCodes) -> Dict[str, torch.Tensor]:
+def pack_linear(codes: LinearCodes) -> dict[str, torch.Tensor]:
     """LinearCodes -> {key: CPU tensor} (keys of :data:`TENSOR_KEYS`) and nothing else."""
     blocks = codes.blocks
     half = codes.rows // 2
@@ -116,7 +114,7 @@ def _band(sign, member, stats) -> BandCodes:
     return BandCodes(sign, member, stats[:, 0::2], stats[:, 1::2])
 
 
-def unpack_linear(t: Dict[str, torch.Tensor], meta: dict) -> LinearCodes:
+def unpack_linear(t: dict[str, torch.Tensor], meta: dict) -> LinearCodes:
     """Inverse of :func:`pack_linear` (statistics come back as float32 of the fp16 values)."""
     rows, cols, bs = meta["rows"], meta["cols"], meta["blocksize"]
     nblk, half = cols // bs, rows // 2
@@ -149,6 +147,6 @@ def unpack_linear(t: Dict[str, torch.Tensor], meta: dict) -> LinearCodes:
     return LinearCodes(meta["layout"], rows, cols, bs, meta["inverse"], blocks)
 
 
-def tensor_bytes(t: Dict[str, torch.Tensor]) -> int:
+def tensor_bytes(t: dict[str, torch.Tensor]) -> int:
     """Payload bytes of a packed linear's tensors."""
     return sum(v.numel() * v.element_size() for v in t.values())

@@ -10,8 +10,8 @@ Directory layout:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ LINEARS = "linears.safetensors"
 REST = "rest.safetensors"
 
 
-def compress(codes, rows: int, cols: int, quant) -> Tuple[Dict[str, torch.Tensor], dict]:
+def compress(codes, rows: int, cols: int, quant) -> tuple[dict[str, torch.Tensor], dict]:
     """``quantize_weight(..., return_codes=True).codes`` of a (rows, cols) linear -> its packed
     CPU tensors and manifest entry (what :func:`pack` stores). Call it right after quantizing
     a linear to keep ~3.9 bits/weight in memory instead of the codes' bool/float tensors."""
@@ -36,7 +36,7 @@ def compress(codes, rows: int, cols: int, quant) -> Tuple[Dict[str, torch.Tensor
     return pack_linear(lc), linear_meta(lc)
 
 
-def _packed_entry(module: nn.Module, codes, quant) -> Tuple[Dict[str, torch.Tensor], dict]:
+def _packed_entry(module: nn.Module, codes, quant) -> tuple[dict[str, torch.Tensor], dict]:
     rows, cols = module.weight.shape
     if isinstance(codes, tuple):
         packed, meta = codes
@@ -49,7 +49,7 @@ def _packed_entry(module: nn.Module, codes, quant) -> Tuple[Dict[str, torch.Tens
     return packed, meta
 
 
-def pack(model: nn.Module, directory: Union[str, Path], codes: Optional[Mapping[str, object]] = None,
+def pack(model: nn.Module, directory: str | Path, codes: Mapping[str, object] | None = None,
          quant=None) -> dict:
     """Write ``model`` as a packed checkpoint in ``directory``; returns the size report.
 
@@ -68,8 +68,8 @@ def pack(model: nn.Module, directory: Union[str, Path], codes: Optional[Mapping[
     unknown = sorted(set(codes) - set(modules))
     if unknown:
         raise KeyError(f"codes name modules the model does not have: {unknown[:5]}")
-    tensors: Dict[str, torch.Tensor] = {}
-    metas: Dict[str, dict] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    metas: dict[str, dict] = {}
     for name, mod in modules.items():
         if isinstance(mod, PackedLinear):
             packed, meta = mod.packed, mod.meta
@@ -145,7 +145,7 @@ def _check_shape(directory: Path, name: str, meta: dict, module: nn.Module) -> N
                          "model config; write the packed checkpoint again")
 
 
-def _quant_dict(quant) -> Optional[dict]:
+def _quant_dict(quant) -> dict | None:
     if quant is None:
         return None
     from dataclasses import asdict, is_dataclass
@@ -153,7 +153,7 @@ def _quant_dict(quant) -> Optional[dict]:
     return asdict(quant) if is_dataclass(quant) else dict(quant)
 
 
-def read_manifest(directory: Union[str, Path]) -> dict:
+def read_manifest(directory: str | Path) -> dict:
     """The manifest of a packed checkpoint (raises on a missing file or unknown version)."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
@@ -170,8 +170,8 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def load_packed(directory: Union[str, Path], device: Union[str, torch.device] = "cpu",
-                dtype: Optional[torch.dtype] = None, verify: bool = True):
+def load_packed(directory: str | Path, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None, verify: bool = True):
     """Load a packed checkpoint as a transformers causal LM whose quantized linears are
     :class:`PackedLinear` modules on ``device``; other weights in ``dtype`` (default: as saved).
 
@@ -226,9 +226,9 @@ def load_packed(directory: Union[str, Path], device: Union[str, torch.device] = 
     return model
 
 
-def _float_dtype(rest: Dict[str, torch.Tensor]) -> torch.dtype:
+def _float_dtype(rest: dict[str, torch.Tensor]) -> torch.dtype:
     """The floating dtype holding the most elements."""
-    count: Dict[torch.dtype, int] = {}
+    count: dict[torch.dtype, int] = {}
     for v in rest.values():
         if v.is_floating_point():
             count[v.dtype] = count.get(v.dtype, 0) + v.numel()

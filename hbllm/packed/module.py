@@ -10,8 +10,6 @@ full-precision copy of the weight; all read the tiled buffers of :func:`build_ru
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
-
 import torch
 from torch import nn
 
@@ -31,7 +29,7 @@ KERNELS = ("lut", "mma", "triton")
 # token order, as ``scripts/bench_kernel.py`` prints it; token counts past the last entry, and
 # shapes not listed, follow the fallback rule above.
 # Measured on an H200 (tiled layout, 2026-11-29: experiments/benchmarks/raw/kernel_tiled_2026-11-29.json).
-KERNEL_TABLE: Dict[tuple, tuple] = {
+KERNEL_TABLE: dict[tuple, tuple] = {
     (4096, 4096): ((4, "lut"), (16, "mma")),
     (11008, 4096): ((4, "lut"), (16, "mma")),
     (4096, 11008): ((16, "lut"),),
@@ -56,8 +54,8 @@ class PackedLinear(nn.Module):
     the module.
     """
 
-    def __init__(self, packed: Dict[str, torch.Tensor], meta: dict,
-                 bias: Optional[torch.Tensor] = None, device: Optional[torch.device] = None):
+    def __init__(self, packed: dict[str, torch.Tensor], meta: dict,
+                 bias: torch.Tensor | None = None, device: torch.device | None = None):
         super().__init__()
         self.meta = dict(meta)
         self.in_features, self.out_features = meta["cols"], meta["rows"]
@@ -77,7 +75,7 @@ class PackedLinear(nn.Module):
         return (f"in_features={m['cols']}, out_features={m['rows']}, layout={m['layout']}, "
                 f"blocksize={m['blocksize']}, bias={self.bias is not None}")
 
-    def runtime(self) -> Dict[str, torch.Tensor]:
+    def runtime(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.named_buffers(recurse=False)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

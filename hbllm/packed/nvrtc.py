@@ -9,7 +9,7 @@ by the ``extra`` ones it takes.
 from __future__ import annotations
 
 import functools
-from typing import Dict, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -62,7 +62,7 @@ def device_index(device: torch.device) -> int:
     return torch.cuda.current_device() if device.index is None else device.index
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def smem_limit(device: int) -> int:
     """Shared memory a block may opt in to on CUDA device ``device``, bytes."""
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
@@ -84,7 +84,7 @@ def compile_kernel(source: str, name: str, device: int, **macros: int):
     return kernel
 
 
-def launch(kernel, x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict, c: float, nt: int,
+def launch(kernel, x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float, nt: int,
            grid: tuple, threads: int, smem: int, extra: Sequence = ()) -> torch.Tensor:
     """y (N, R) = x (N, C) W^T by ``kernel``, ``nt`` tokens a launch. Kernel arguments: x, y, the
     main and salient band buffers, the col layout's non-salient mask, tokens, R, C, salient words,

@@ -32,8 +32,6 @@ band are zero words and zero statistics. This is built at load time from the on-
 """
 from __future__ import annotations
 
-from typing import Dict
-
 import torch
 
 from ..quant.haar import INVERSE
@@ -113,7 +111,7 @@ def band_rows(band: str, meta: dict) -> bool:
     return band == "sal" or meta["layout"] == "col"
 
 
-def build_runtime(t: Dict[str, torch.Tensor], meta: dict) -> Dict[str, torch.Tensor]:
+def build_runtime(t: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
     """Disk tensors (see format.py) -> compute buffers on the tensors' device.
 
     Bands, tiled (module docstring): ``{main,sal}_sign``/``_member`` int32 words (T, W/V, 32, V)
@@ -175,7 +173,7 @@ def build_runtime(t: Dict[str, torch.Tensor], meta: dict) -> Dict[str, torch.Ten
     return out
 
 
-def band_words(rt: Dict[str, torch.Tensor], band: str, meta: dict):
+def band_words(rt: dict[str, torch.Tensor], band: str, meta: dict):
     """Row-major (sign, member) int32 (R, W) and stats fp16 (R, G, 4) of a band of ``rt``."""
     pair, rows = band_rows(band, meta), meta["rows"]
     return (untile(rt[f"{band}_sign"], rows, pair), untile(rt[f"{band}_member"], rows, pair),
@@ -212,7 +210,7 @@ def salient_input(x: torch.Tensor, sal_cols: torch.Tensor) -> torch.Tensor:
     return x[:, idx.clamp(min=0)] * (idx >= 0).to(x.dtype)
 
 
-def torch_forward(x: torch.Tensor, rt: Dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
+def torch_forward(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
     """y = x W^T for x (N, C) in float32 math, from the compute buffers (band form)."""
     c = INVERSE[meta["inverse"]]
     x = x.float()

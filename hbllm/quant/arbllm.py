@@ -16,7 +16,7 @@ Everything is batched over rows, groups and split thresholds; only the few itera
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -45,14 +45,14 @@ class ArbCodes(NamedTuple):
     scales, row ``(2, R, 1)``, col ``(2, n)``.
     """
 
-    sal_upper: Optional[torch.Tensor]
+    sal_upper: torch.Tensor | None
     sal_sign: torch.Tensor
     upper: torch.Tensor
     sign: torch.Tensor
     sal_row: torch.Tensor
     row: torch.Tensor
-    sal_col: Optional[torch.Tensor] = None
-    col: Optional[torch.Tensor] = None
+    sal_col: torch.Tensor | None = None
+    col: torch.Tensor | None = None
 
     def dequantize(self, sal: torch.Tensor, cols: int) -> torch.Tensor:
         """The block ``(R, cols)`` with salient columns ``sal`` ``(k,)``."""
@@ -265,7 +265,7 @@ def salient_split(ts: torch.Tensor) -> torch.Tensor:
     return a >= thr[int(torch.cat(errs).argmin())]
 
 
-def plain_split(t: torch.Tensor, sal: torch.Tensor, S: Optional[torch.Tensor] = None,
+def plain_split(t: torch.Tensor, sal: torch.Tensor, S: torch.Tensor | None = None,
                 iters: int = ITERS) -> torch.Tensor:
     """Split of the non-salient entries of T ``(R, C)`` (salient columns ``sal``): the threshold
     among the quantiles of ``|T|`` over the whole block with the salient entries as zeros, whose two
@@ -298,7 +298,7 @@ def plain_split(t: torch.Tensor, sal: torch.Tensor, S: Optional[torch.Tensor] = 
 
 # ----------------------------------------------------------------------------------------------
 
-def arb_block(w: torch.Tensor, d: torch.Tensor, variant: str, S: Optional[torch.Tensor] = None,
+def arb_block(w: torch.Tensor, d: torch.Tensor, variant: str, S: torch.Tensor | None = None,
               up_lim: int = 50, salient_metric: str = "l1", iters: int = ITERS,
               x_iters: int = ITERS, cgb: bool = True, split_on: str = "t"):
     """Quantize one GPTQ block ``w`` ``(R, C)`` given ``d = diag(U)`` of its columns ``(C,)``.

@@ -6,7 +6,7 @@ outside the mask. Rows with no masked entries give 0. ``sign(0) = 0`` is kept.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -23,7 +23,7 @@ class Binarized(NamedTuple):
 
 
 def binarize(x: torch.Tensor, mask: torch.Tensor, scale: str = "abs",
-             mean: Optional[torch.Tensor] = None) -> Binarized:
+             mean: torch.Tensor | None = None) -> Binarized:
     """1st-order binarization: B1_abs (``scale="abs"``, a = mean|x-m|) or B1_rms (``"rms"``,
     a = sqrt(mean (x-m)^2)). ``mean`` (``(..., 1)``) replaces the group mean (shared-mean variant)."""
     if scale not in SCALES:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -31,13 +30,13 @@ class QuantResult:
 
     weight: torch.Tensor
     loss: float
-    bits: Dict[str, float]
+    bits: dict[str, float]
     numel: int
-    row_loss: Optional[torch.Tensor] = None
-    salient: List[torch.Tensor] = field(default_factory=list)
-    block_bits: List[tuple] = field(default_factory=list)
+    row_loss: torch.Tensor | None = None
+    salient: list[torch.Tensor] = field(default_factory=list)
+    block_bits: list[tuple] = field(default_factory=list)
     time_s: float = 0.0
-    codes: Optional[List[Codes]] = None
+    codes: list[Codes] | None = None
 
 
 def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +79,7 @@ def _check(weight: torch.Tensor, hessian: torch.Tensor, cfg) -> None:
     cfg.spec.check_shape(rows, cols, cfg)
 
 
-def quantize_block(w: torch.Tensor, d: torch.Tensor, cfg, S: Optional[torch.Tensor] = None):
+def quantize_block(w: torch.Tensor, d: torch.Tensor, cfg, S: torch.Tensor | None = None):
     """Quantize one block ``w`` ``(R, C)`` with the block quantizer of ``cfg.method`` given
     ``d = diag(U)`` of its columns ``(C,)`` and, for methods with ``block_hessian``, ``S``
     ``(C, C)`` the block's slice of the undamped Hessian. Returns ``(q, codes)``."""

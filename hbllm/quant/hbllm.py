@@ -151,8 +151,8 @@ def check_hbllm(cfg) -> None:
 
 def check_hbllm_shape(rows: int, cols: int, cfg) -> None:
     if rows % 2:
-        raise ValueError(f"HBLLM pairs adjacent rows (salient residual{', col layout' if cfg.layout == 'col' else ''}): "
-                         f"rows={rows} must be even")
+        where = "salient residual, col layout" if cfg.layout == "col" else "salient residual"
+        raise ValueError(f"HBLLM pairs adjacent rows ({where}): rows={rows} must be even")
     if cfg.layout == "row" and cols % 2:
         raise ValueError(f"HBLLM row layout pairs adjacent columns inside a block: cols={cols} must be even")
 

@@ -10,8 +10,9 @@ registry; none of them compares method names. Adding a method: its module, its
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Protocol, Tuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -35,12 +36,12 @@ class LoopOutput(NamedTuple):
 
     weight: torch.Tensor
     row_loss: torch.Tensor
-    codes: List[Codes]
+    codes: list[Codes]
 
 
 # block quantizer: (w (R, C) float32, d = diag(U) of its columns (C,), cfg) -> (q (R, C), codes);
 # with Method.block_hessian, a 4th argument S (C, C): the block's slice of the undamped Hessian
-BlockQuantizer = Callable[[torch.Tensor, torch.Tensor, Any], Tuple[torch.Tensor, Codes]]
+BlockQuantizer = Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Codes]]
 # column loop: (W (R, C) float32 copy, H (C, C) float32 copy, cfg) -> LoopOutput
 ColumnLoop = Callable[[torch.Tensor, torch.Tensor, Any], LoopOutput]
 
@@ -67,9 +68,9 @@ class Method:
 
     name: str
     label: Callable[[Any], str]
-    bits: Optional[Callable[[Any, Codes], Tuple[int, int]]] = None
-    block: Optional[BlockQuantizer] = None
-    loop: Optional[ColumnLoop] = None
+    bits: Callable[[Any, Codes], tuple[int, int]] | None = None
+    block: BlockQuantizer | None = None
+    loop: ColumnLoop | None = None
     fields: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[Any], None] = _no_check
     check_shape: Callable[[int, int, Any], None] = _no_check
@@ -84,7 +85,7 @@ class Method:
             raise ValueError(f"method {self.name!r} must give its bit accounting (bits=)")
 
 
-_METHODS: Dict[str, Method] = {}
+_METHODS: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
@@ -107,12 +108,12 @@ def get_method(name: str) -> Method:
     return _METHODS[name]
 
 
-def method_names() -> List[str]:
+def method_names() -> list[str]:
     _load()
     return sorted(_METHODS)
 
 
-def method_fields() -> List[str]:
+def method_fields() -> list[str]:
     """Every method-specific QuantConfig field some registered method declares."""
     _load()
     return sorted({f for m in _METHODS.values() for f in m.fields})

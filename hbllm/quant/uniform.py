@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Tuple
 
 import torch
 
 from .bits import FP_BITS
 
 
-def minmax_params(x: torch.Tensor, maxq: int, sym: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def minmax_params(x: torch.Tensor, maxq: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, zero)`` ``(..., 1)`` of the grid ``scale * (q - zero)``, ``q`` in ``[0, maxq]``,
     over the last dim of ``x`` ``(..., n)``: ``[min(x, 0), max(x, 0)]`` (symmetric: widened to
     ``[-m, m]`` when the minimum is negative; an all-zero range becomes ``[-1, 1]``)."""

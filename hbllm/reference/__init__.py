@@ -20,7 +20,6 @@ import csv
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 PUBLISHED_CSV = Path(__file__).with_name("published.csv")
 COLUMNS = ("paper", "source", "model", "method", "dataset", "metric", "bits", "value", "note")
@@ -40,7 +39,7 @@ class Published:
     method: str
     dataset: str
     metric: str
-    bits: Optional[float]
+    bits: float | None
     value: float
     note: str = ""
 
@@ -53,13 +52,13 @@ class Published:
         return "zeroshot_avg" if self.dataset == "avgqa" else f"zs_{self.dataset}_{self.metric}"
 
 
-def load(path: Path | str = PUBLISHED_CSV) -> List[Published]:
+def load(path: Path | str = PUBLISHED_CSV) -> list[Published]:
     """The rows of a published-numbers CSV, in file order (checked: every row has a source)."""
     return list(_load(str(path)))
 
 
 @lru_cache(maxsize=4)
-def _load(path: str) -> Tuple[Published, ...]:
+def _load(path: str) -> tuple[Published, ...]:
     rows = []
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
@@ -91,7 +90,7 @@ def protocol_matches(config: dict) -> bool:
             and zs.get("limit") is None and not zs.get("num_fewshot"))
 
 
-def our_value(results: dict, row: Published) -> Optional[float]:
+def our_value(results: dict, row: Published) -> float | None:
     """The run's number for ``row`` (None when it did not measure it). fp16 rows read a
     quantized run's ``baseline_*`` results; ``avgqa`` needs all nine paper tasks averaged with
     the row's metric."""
@@ -113,8 +112,8 @@ def our_value(results: dict, row: Published) -> Optional[float]:
     return (zs.get(row.dataset) or {}).get(row.metric)
 
 
-def matching(results: dict, rows: Optional[List[Published]] = None
-             ) -> List[Tuple[Published, Optional[float]]]:
+def matching(results: dict, rows: list[Published] | None = None
+             ) -> list[tuple[Published, float | None]]:
     """``(published, ours)`` for every published number of the run's model and method (and
     fp16), when the run followed the papers' protocol; ``ours`` is None where not measured."""
     rows = load() if rows is None else rows
@@ -125,10 +124,10 @@ def matching(results: dict, rows: Optional[List[Published]] = None
             if row.model == results.get("model") and row.method in methods]
 
 
-def report_columns(results: dict, rows: Optional[List[Published]] = None) -> Dict[str, float]:
+def report_columns(results: dict, rows: list[Published] | None = None) -> dict[str, float]:
     """``pub_<key>`` (the published number) and ``ratio_<key>`` (ours / published) for the
     run's own method; where several papers print one number, the first row of the CSV wins."""
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     for row, ours in matching(results, rows):
         if row.method != results.get("method") or f"pub_{row.key}" in out:
             continue
@@ -138,7 +137,7 @@ def report_columns(results: dict, rows: Optional[List[Published]] = None) -> Dic
     return out
 
 
-def format_published(results: dict, rows: Optional[List[Published]] = None) -> str:
+def format_published(results: dict, rows: list[Published] | None = None) -> str:
     """Lines printed under a finished run's table: each matching published number, ours and
     the ratio ("" when none matches)."""
     lines = []

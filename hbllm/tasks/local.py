@@ -14,7 +14,6 @@ At run time :func:`write_local_tasks` writes, per task found in the mirror, a sm
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import yaml
 
@@ -23,7 +22,7 @@ FORMATS = (("jsonl", "json"), ("parquet", "parquet"))  # (file suffix, datasets 
 SPLIT_KEYS = ("training_split", "validation_split", "test_split")
 
 
-def local_task_names() -> List[str]:
+def local_task_names() -> list[str]:
     """Tasks that have an air-gapped template here (sorted)."""
     return sorted(p.stem for p in TEMPLATE_DIR.glob("*.yaml"))
 
@@ -73,7 +72,7 @@ def expected_file(local_dir: str | Path, task: str) -> Path:
     return Path(local_dir).expanduser() / task / f"{eval_split(template(task))}.jsonl"
 
 
-def find_split(local_dir: str | Path, task: str, split: str) -> Optional[tuple[Path, str]]:
+def find_split(local_dir: str | Path, task: str, split: str) -> tuple[Path, str] | None:
     """``(file, builder)`` of ``<local_dir>/<task>/<split>.jsonl|parquet``, or None."""
     for suffix, builder in FORMATS:
         path = Path(local_dir).expanduser().resolve() / task / f"{split}.{suffix}"
@@ -82,7 +81,7 @@ def find_split(local_dir: str | Path, task: str, split: str) -> Optional[tuple[P
     return None
 
 
-def has_local_data(local_dir: Optional[str | Path], task: str) -> bool:
+def has_local_data(local_dir: str | Path | None, task: str) -> bool:
     """True when ``task`` has a template and its evaluation split is in the mirror."""
     if not local_dir or task not in local_task_names():
         return False
@@ -96,7 +95,7 @@ def local_task_config(local_dir: str | Path, task: str, num_fewshot: int = 0) ->
     run whose example split is missing raises instead of silently sampling elsewhere.
     """
     cfg = template(task)
-    files: Dict[str, str] = {}
+    files: dict[str, str] = {}
     builders = set()
     overlay: dict = {"include": str(TEMPLATE_DIR / f"{task}.yaml")}
     for key in SPLIT_KEYS:
@@ -121,8 +120,8 @@ def local_task_config(local_dir: str | Path, task: str, num_fewshot: int = 0) ->
     return overlay
 
 
-def write_local_tasks(tasks: List[str], local_dir: str | Path, out_dir: str | Path,
-                      num_fewshot: int = 0) -> List[str]:
+def write_local_tasks(tasks: list[str], local_dir: str | Path, out_dir: str | Path,
+                      num_fewshot: int = 0) -> list[str]:
     """Write ``<out_dir>/<task>.yaml`` overlays for the tasks present in ``local_dir``.
 
     Returns the names written (the others are left to the built-in, hub-backed tasks).

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import List
 
 from hbllm.config import ZEROSHOT_TASKS
 from hbllm.tasks import local
 
 
-def mirror_tasks(tasks: List[str], out_dir: str | Path, fewshot: bool = False) -> List[Path]:
+def mirror_tasks(tasks: list[str], out_dir: str | Path, fewshot: bool = False) -> list[Path]:
     """Write the mirror files of ``tasks`` under ``out_dir``; returns the files written."""
     import datasets
     from lm_eval.tasks import TaskManager
@@ -42,7 +41,7 @@ def mirror_tasks(tasks: List[str], out_dir: str | Path, fewshot: bool = False) -
     return written
 
 
-def main(argv: List[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="mirror folder (eval.zeroshot.local_dir)")
     parser.add_argument("tasks", nargs="*", default=list(ZEROSHOT_TASKS))

@@ -18,15 +18,15 @@ Selected by ``hydra/launcher=slurm`` (and the ``slurm_*`` presets) or ``hydra/la
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
-    BaseSubmititLauncher, LocalLauncher, SlurmLauncher)
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher, LocalLauncher, SlurmLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 _INIT_KEYS = {"max_num_timeout"}
 
 
-def run_finished(run_dir: Path, resolved: Dict[str, Any]) -> bool:
+def run_finished(run_dir: Path, resolved: dict[str, Any]) -> bool:
     """True when ``run_dir/results.json`` holds everything the run's resolved config asks for
     (:func:`hbllm.results.finished`); False when absent or unreadable."""
     from hbllm.results import finished, read_json
@@ -57,7 +57,7 @@ class _SweepMixin(BaseSubmititLauncher):
             cfg.hydra.job.id = f"job_id_for_{idx}"
         return cfg
 
-    def _skip(self, overrides: Sequence[str], idx: int) -> Optional[JobReturn]:
+    def _skip(self, overrides: Sequence[str], idx: int) -> JobReturn | None:
         """A COMPLETED JobReturn when the run already finished (and may be resumed), else None."""
         cfg = self._job_config(overrides, idx)
         HydraConfig.instance().set_config(cfg)  # the run dir may use ${hydra:...}
@@ -94,7 +94,7 @@ class _SweepMixin(BaseSubmititLauncher):
         assert self.config is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        returns: List[Optional[JobReturn]] = []
+        returns: list[JobReturn | None] = []
         todo = []
         state = Singleton.get_state()
         hydra_cfg = HydraConfig.instance().cfg  # _skip points it at each run's config

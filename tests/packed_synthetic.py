@@ -1,9 +1,10 @@
-"""Random packed codes (uniform bits, plausible statistics) for tests and kernel benchmarks."""
+"""Random packed codes (uniform bits, plausible statistics) for the packed-format tests and
+``scripts/profile_gemv.py``."""
 from __future__ import annotations
 
 import torch
 
-from .codes import BandCodes, BlockCodes, LinearCodes
+from hbllm.packed.codes import BandCodes, BlockCodes, LinearCodes
 
 
 def random_band(r: int, n: int, shared: bool, gen: torch.Generator) -> BandCodes:
