@@ -9,6 +9,7 @@ is the loop alone (median of ``--repeat``, CUDA synchronized), per shape and bac
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -28,6 +29,11 @@ def problem(rows: int, cols: int, device: str):
     U = upper_inverse_cholesky(x.T @ x / (2 * cols), 0.01)[0]
     scale, zero = minmax_params(w, 7, sym=False)
     return w, U, lambda i1, i2: gptq.ColumnGrids(scale.expand(rows, i2 - i1), zero.expand(rows, i2 - i1), 7)
+
+
+def loop(w, U, grids, backend: str):
+    """One column loop over a copy of ``w``."""
+    return gptq.column_loop(w.clone(), U, 128, grids, backend=backend)
 
 
 def timed(fn, repeat: int) -> float:
@@ -50,16 +56,15 @@ def main() -> None:
     rows_out = []
     for R, C in SHAPES:
         w, U, grids = problem(R, C, "cuda")
-        ref = gptq.column_loop(w.clone(), U, 128, grids, backend="torch")
-        t_torch = timed(lambda: gptq.column_loop(w.clone(), U, 128, grids, backend="torch"), args.repeat)
+        ref = loop(w, U, grids, "torch")
+        t_torch = timed(functools.partial(loop, w, U, grids, "torch"), args.repeat)
         rows_out.append(dict(shape=[R, C], backend="torch", seconds=t_torch))
         print(f"{R}x{C} torch {t_torch * 1e3:8.1f} ms", flush=True)
         for spec in args.configs.split(","):
             br, nw = map(int, spec.split("x"))
             column_kernel.BLOCK_ROWS, column_kernel.NUM_WARPS = br, nw
-            out = gptq.column_loop(w.clone(), U, 128, grids, backend="triton")
-            same = all(torch.equal(a, b) for a, b in zip(ref, out))
-            t = timed(lambda: gptq.column_loop(w.clone(), U, 128, grids, backend="triton"), args.repeat)
+            same = all(torch.equal(a, b) for a, b in zip(ref, loop(w, U, grids, "triton")))
+            t = timed(functools.partial(loop, w, U, grids, "triton"), args.repeat)
             rows_out.append(dict(shape=[R, C], backend="triton", block_rows=br, warps=nw, seconds=t,
                                  identical=same))
             print(f"{R}x{C} triton {br}x{nw} {t * 1e3:8.1f} ms  identical={same}", flush=True)

@@ -7,8 +7,7 @@ weight before the loop)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Optional
+from functools import cache
 
 import torch
 
@@ -26,9 +25,9 @@ class ColumnGrids:
     scale: torch.Tensor
     zero: torch.Tensor
     maxq: int
-    binary: Optional[torch.Tensor] = None
-    mean: Optional[torch.Tensor] = None
-    alpha: Optional[torch.Tensor] = None
+    binary: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    alpha: torch.Tensor | None = None
 
     def round(self, w: torch.Tensor, i: int):
         """``(q, code)`` ``(R,)`` of column ``i`` holding ``w``."""
@@ -83,7 +82,7 @@ def column_loop(W: torch.Tensor, U: torch.Tensor, blocksize: int, grids, backend
     return Q, codes, row_loss
 
 
-@lru_cache(maxsize=None)
+@cache
 def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
