@@ -7,14 +7,15 @@ Prints seconds per linear and peak GPU memory; ``--out`` writes the table as JSO
 ``--authors-dir DIR`` also times the authors' code on the same inputs in the same process, for
 the methods that have it: ``DIR/gptq/{gptq,quant}.py`` (IST-DASLab/gptq: GPTQ and its RTN
 baseline), ``DIR/pbllm/{gptq,high_quant,low_quant}.py`` (hahnyuan/PB-LLM ``gptq_pb/``) and
-``DIR/arbllm/{bigptq_arb,binary_arb}.py`` + ``DIR/arbllm/utils/{structure_arb,autosearch_arb,mask}.py``
+``DIR/arbllm/{bigptq_arb,binary_arb}.py`` with
+``DIR/arbllm/utils/{structure_arb,autosearch_arb,mask}.py``
 (ZHITENGLI/ARB-LLM: ARB-LLM_X and ARB-LLM_RC), copied from those repositories (never committed
 here; docs/quantizers.md says how); a method whose folder is absent is skipped with a note. The
 output error ``||(W-Q)L||/||WL||`` (L: Cholesky factor of H) of both is printed beside the times.
 
     python scripts/bench_quantize.py --device cuda --out bench.json
     python scripts/bench_quantize.py --device cuda --methods rtn gptq_w3g128 pbllm --authors-dir authors/
-    python scripts/bench_quantize.py --device cuda --methods arbllm_x arbllm_rc --authors-dir authors/
+    python scripts/bench_quantize.py --device cuda --authors-dir authors --methods arbllm_x arbllm_rc
     python scripts/bench_quantize.py --device cpu --scale 0.125 --linears q_proj   # quick CPU run
 """
 from __future__ import annotations
@@ -95,7 +96,8 @@ class AuthorsCode:
             self.methods.add("arbllm")
         if not self.methods:
             raise SystemExit(f"--authors-dir {root}: none of gptq/quant.py, pbllm/gptq.py, "
-                             "arbllm/bigptq_arb.py is there (docs/quantizers.md says how to get them)")
+                             "arbllm/bigptq_arb.py is there (docs/quantizers.md says how to "
+                             "get them)")
 
     def input_factor(self, h: torch.Tensor) -> torch.Tensor:
         """``A`` ``(C, C)`` with ``A^T A = H``: the one "calibration input" whose ``X^T X`` is H,

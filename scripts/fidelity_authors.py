@@ -69,11 +69,13 @@ def capture_pairs(layers, data_dir: str, overrides) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--authors-dir", type=Path, required=True)
     p.add_argument("--methods", nargs="+", default=["arbllm_x", "arbllm_rc"], choices=list(METHODS))
     p.add_argument("--layers", nargs="+", type=int, default=[0, 8])
-    p.add_argument("--linears", nargs="+", default=None, help="only these linear names (q_proj ...)")
+    p.add_argument("--linears", nargs="+", default=None,
+                   help="only these linear names (q_proj ...)")
     p.add_argument("--pairs", type=Path, default=ROOT / "build" / "gemma3_pairs.pt",
                    help="cache of the captured pairs (git-ignored build/)")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
@@ -122,10 +124,12 @@ def main() -> None:
             rows.append(row)
             print(f"{method:<12} {name:<28} {'x'.join(map(str, w.shape)):>10} {row['ours']:8.5f} "
                   f"{row['authors']:8.5f} {row['ours'] / row['authors'] - 1:+9.2e} "
-                  f"{'yes' if row['same'] else 'no':>6} {row['q_diff']:9.1e} {row['ours_s']:7.2f} {row['authors_s']:7.2f}",
+                  f"{'yes' if row['same'] else 'no':>6} {row['q_diff']:9.1e} "
+                  f"{row['ours_s']:7.2f} {row['authors_s']:7.2f}",
                   flush=True)
     print("\n| method | pairs | output error ours (mean, min-max) | authors (mean) | "
-          "max \\|ours/authors - 1\\| | identical weights in |\n|---|---|---|---|---|---|")
+          "max \\|ours/authors - 1\\| | pairs with \\|Q_ours - Q_authors\\| / "
+          "\\|Q_authors\\| < 1e-5 | bit-identical |\n|---|---|---|---|---|---|---|")
     for method in args.methods:
         r = [x for x in rows if x["method"] == method]
         if not r:
@@ -134,6 +138,7 @@ def main() -> None:
         dev = max(abs(x["ours"] / x["authors"] - 1) for x in r)
         print(f"| {method} | {len(r)} | {ours.mean():.4f} ({ours.min():.4f}-{ours.max():.4f}) | "
               f"{sum(x['authors'] for x in r) / len(r):.4f} | {dev:.1e} | "
+              f"{sum(x['q_diff'] < 1e-5 for x in r)}/{len(r)} | "
               f"{sum(x['same'] for x in r)}/{len(r)} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
