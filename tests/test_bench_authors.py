@@ -5,17 +5,20 @@ the skipping; the comparison against ARB-LLM's files runs where build/authors/ar
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import bench_quantize  # noqa: E402
+from conftest import REPO
+from hbllm.config import QuantConfig
 
-from hbllm.config import QuantConfig  # noqa: E402
+_spec = importlib.util.spec_from_file_location("bench_quantize",
+                                               REPO / "scripts" / "bench_quantize.py")
+bench_quantize = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_quantize)
 
 
 def _gptq_only(tmp_path: Path) -> Path:
@@ -47,7 +50,7 @@ def test_empty_authors_dir_fails_with_the_fix(tmp_path):
         bench_quantize.AuthorsCode(tmp_path)
 
 
-ARB = ROOT / "build" / "authors" / "arbllm" / "bigptq_arb.py"
+ARB = REPO / "build" / "authors" / "arbllm" / "bigptq_arb.py"
 
 
 @pytest.mark.skipif(not ARB.is_file(), reason="the authors' ARB-LLM files are not in build/authors")
