@@ -6,12 +6,16 @@ Prints seconds per linear and peak GPU memory; ``--out`` writes the table as JSO
 
 ``--authors-dir DIR`` also times the authors' code on the same inputs in the same process, for
 the methods that have it: ``DIR/gptq/{gptq,quant}.py`` (IST-DASLab/gptq: GPTQ and its RTN
-baseline) and ``DIR/pbllm/{gptq,high_quant,low_quant}.py`` (hahnyuan/PB-LLM ``gptq_pb/``),
-copied from those repositories (never committed here); the output error ``||(W-Q)L||/||WL||``
-(L: Cholesky factor of H) of both is printed beside the times.
+baseline), ``DIR/pbllm/{gptq,high_quant,low_quant}.py`` (hahnyuan/PB-LLM ``gptq_pb/``) and
+``DIR/arbllm/{bigptq_arb,binary_arb}.py`` with
+``DIR/arbllm/utils/{structure_arb,autosearch_arb,mask}.py``
+(ZHITENGLI/ARB-LLM: ARB-LLM_X and ARB-LLM_RC), copied from those repositories (never committed
+here; docs/quantizers.md says how); a method whose folder is absent is skipped with a note. The
+output error ``||(W-Q)L||/||WL||`` (L: Cholesky factor of H) of both is printed beside the times.
 
     python scripts/bench_quantize.py --device cuda --out bench.json
     python scripts/bench_quantize.py --device cuda --methods rtn gptq_w3g128 pbllm --authors-dir authors/
+    python scripts/bench_quantize.py --device cuda --authors-dir authors --methods arbllm_x arbllm_rc
     python scripts/bench_quantize.py --device cpu --scale 0.125 --linears q_proj   # quick CPU run
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ import io
 import json
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -48,6 +53,9 @@ METHODS = {
     "arbllm_rc": dict(method="arbllm_rc"),
 }
 
+AUTHORS_FAMILY = {"rtn": "gptq", "gptq": "gptq", "pbllm": "pbllm", "arbllm_x": "arbllm",
+                  "arbllm_rc": "arbllm"}  # QuantConfig.method: the --authors-dir subfolder
+
 
 def _load(name: str, path: Path):
     """Import the file ``path`` as module ``name`` with its folder on sys.path."""
@@ -62,18 +70,52 @@ def _load(name: str, path: Path):
 
 
 class AuthorsCode:
-    """The authors' quantizers loaded from ``--authors-dir``, run on a weight and Hessian."""
+    """The authors' quantizers loaded from ``--authors-dir``, run on a weight and Hessian.
+
+    ``methods`` lists the families whose files are present (``gptq``, ``pbllm``, ``arbllm``);
+    :meth:`run` returns None for the others."""
 
     def __init__(self, root: Path):
         if not torch.cuda.is_available():  # their loops call torch.cuda.synchronize()
             torch.cuda.synchronize = lambda *a, **k: None
-        self.quant = _load("authors_gptq_quant", root / "gptq" / "quant.py")
-        sys.modules["quant"] = self.quant  # gptq.py does `from quant import *`
-        self.gptq = _load("authors_gptq", root / "gptq" / "gptq.py")
-        self.pb = _load("authors_pbllm_gptq", root / "pbllm" / "gptq.py")
-        self.pb.OUTPUTMASK = 0  # else it saves every mask under ./outputs
-        self.pb_high = _load("authors_pbllm_high", root / "pbllm" / "high_quant.py")
-        self.pb_low = _load("authors_pbllm_low", root / "pbllm" / "low_quant.py")
+        root = Path(root)
+        self.methods, self._factor = set(), None
+        if (root / "gptq" / "quant.py").is_file():
+            self.quant = _load("authors_gptq_quant", root / "gptq" / "quant.py")
+            sys.modules["quant"] = self.quant  # gptq.py does `from quant import *`
+            self.gptq = _load("authors_gptq", root / "gptq" / "gptq.py")
+            self.methods.add("gptq")
+        if (root / "pbllm" / "gptq.py").is_file():
+            self.pb = _load("authors_pbllm_gptq", root / "pbllm" / "gptq.py")
+            self.pb.OUTPUTMASK = 0  # else it saves every mask under ./outputs
+            self.pb_high = _load("authors_pbllm_high", root / "pbllm" / "high_quant.py")
+            self.pb_low = _load("authors_pbllm_low", root / "pbllm" / "low_quant.py")
+            self.methods.add("pbllm")
+        if (root / "arbllm" / "bigptq_arb.py").is_file():
+            self.arb, self.arb_bin = load_arbllm(root / "arbllm")
+            self.methods.add("arbllm")
+        if not self.methods:
+            raise SystemExit(f"--authors-dir {root}: none of gptq/quant.py, pbllm/gptq.py, "
+                             "arbllm/bigptq_arb.py is there (docs/quantizers.md says how to "
+                             "get them)")
+
+    def input_factor(self, h: torch.Tensor) -> torch.Tensor:
+        """``A`` ``(C, C)`` with ``A^T A = H``: the one "calibration input" whose ``X^T X`` is H,
+        for ARB-X's per-block ``S`` (by ``eigh`` in float64; kept for the last H, so calling it
+        before timing :meth:`run` leaves it out of the authors' time)."""
+        if self._factor is None or self._factor[0] is not h:
+            e, v = torch.linalg.eigh(h.double())
+            self._factor = (h, (e.clamp(min=0).sqrt()[:, None] * v.T).to(h.dtype))
+        return self._factor[1]
+
+    def prepare(self, cfg: QuantConfig, h: torch.Tensor) -> None:
+        """Work of our adapter, not of the authors' algorithm, done before :meth:`run` is timed."""
+        if cfg.method == "arbllm_x" and self.has(cfg.method):
+            self.input_factor(h)
+
+    def has(self, method: str) -> bool:
+        """Whether the authors' files for ``method`` (a :data:`METHODS` method) were loaded."""
+        return AUTHORS_FAMILY.get(method) in self.methods
 
     @staticmethod
     def _linear(w: torch.Tensor) -> torch.nn.Linear:
@@ -83,7 +125,11 @@ class AuthorsCode:
 
     def run(self, cfg: QuantConfig, w: torch.Tensor, h: torch.Tensor):
         """The dequantized weight from the authors' code for ``cfg``; None without one."""
+        if not self.has(cfg.method):
+            return None
         with contextlib.redirect_stdout(io.StringIO()):
+            if cfg.method in ("arbllm_x", "arbllm_rc"):
+                return self._arbllm(cfg, w, h)
             if cfg.method == "rtn":
                 q = self.quant.Quantizer()
                 q.configure(cfg.wbits, perchannel=True, sym=False, mse=False)
@@ -113,6 +159,52 @@ class AuthorsCode:
                 g.fasterquant(cfg.low_frac, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
                 return lin.weight.data
         return None
+
+    def _arbllm(self, cfg: QuantConfig, w: torch.Tensor, h: torch.Tensor):
+        """ARB-LLM_X / _RC as the authors' README commands run them (``arb-x``/``arb-rc
+        --blocksize B --salient_metric hessian --num_p 1 --order2_group``): their ``BRAGPTQ``
+        with a ``Binarization`` of group size B, as ``run_arb.quant_sequential`` builds them. Only
+        our settings that equal theirs are compared (else None)."""
+        theirs = dict(salient_metric="l1", up_lim=50, arb_iters=15, cgb=True, arb_split_on="t")
+        if cfg.method == "arbllm_x":
+            theirs["arb_x_iters"] = 15
+        if any(getattr(cfg, k) != v for k, v in theirs.items()) or cfg.disable_gptq:
+            return None
+        method = "arb-x" if cfg.method == "arbllm_x" else "arb-rc"
+        lin = self._linear(w)
+        binar = self.arb_bin.Binarization(lin.weight, method=method, groupsize=cfg.blocksize)
+        g = self.arb.BRAGPTQ(lin, binar, salient_metric="hessian", method=method, order2_group=True)
+        g.H = h.clone()
+        # DEBUG = True in their module: fasterquant evaluates the layer on add_batch's last input
+        g.inp1, g.out1 = w.new_zeros(1, w.shape[1]), w.new_zeros(1, w.shape[0])
+        if method == "arb-x":  # their S per block is mean_b X_b^T X_b of the layer's inputs
+            g.inp = [self.input_factor(h)[None]]
+        g.fasterquant(blocksize=cfg.blocksize, percdamp=cfg.percdamp, num_p=1)
+        return lin.weight.data
+
+
+def load_arbllm(folder: Path):
+    """Import ARB-LLM's ``bigptq_arb`` and ``binary_arb`` from ``folder`` (their top-level imports:
+    ``utils.*``, ``binary_arb``). ``bigptq_arb`` imports ``catch`` from ``exceptiongroup`` and
+    never uses it; a stand-in module is registered where that package is not installed."""
+    stub = importlib.util.find_spec("exceptiongroup") is None
+    if stub:
+        sys.modules["exceptiongroup"] = types.ModuleType("exceptiongroup")
+        sys.modules["exceptiongroup"].catch = None
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules)
+             if k in ("utils", "binary_arb") or k.startswith("utils.")}
+    sys.path.insert(0, str(folder))
+    try:
+        binary = importlib.import_module("binary_arb")
+        bigptq = importlib.import_module("bigptq_arb")
+    finally:
+        sys.path.remove(str(folder))
+        for k in [k for k in sys.modules if k == "utils" or k.startswith("utils.")]:
+            sys.modules[f"authors_arbllm_{k}"] = sys.modules.pop(k)
+        sys.modules.update(saved)
+        if stub:
+            del sys.modules["exceptiongroup"]
+    return bigptq, binary
 
 
 def output_error(w: torch.Tensor, q: torch.Tensor, chol: torch.Tensor) -> float:
@@ -184,6 +276,9 @@ def main() -> None:
           f"{'bits':>5} {'full':>5}" + ("  authors s  ratio  out.err ours / authors" if authors else ""))
     for method in args.methods:
         cfg = QuantConfig(**METHODS[method])
+        if authors and not authors.has(cfg.method) and cfg.method in AUTHORS_FAMILY:
+            print(f"{method}: no authors' code in {args.authors_dir}/"
+                  f"{AUTHORS_FAMILY[cfg.method]} (skipped; docs/quantizers.md says how to get it)")
         total = total_authors = 0.0
         for name, (w, h) in inputs.items():
             if cuda:
@@ -200,6 +295,7 @@ def main() -> None:
                    "bits_full": res.bits["full"]}
             extra = ""
             if authors:
+                authors.prepare(cfg, h)
                 sync(device)
                 tick = time.perf_counter()
                 theirs = authors.run(cfg, w, h)
