@@ -42,6 +42,7 @@ class ColumnGrids:
 
 
 BACKEND = "auto"  # column_loop's default backend (tests set it)
+KERNEL_MAX_BLOCK = 256  # widest block the kernel holds in registers; wider ones use the tensor loop
 
 
 def column_loop(W: torch.Tensor, U: torch.Tensor, blocksize: int, grids, backend: str | None = None):
@@ -50,12 +51,12 @@ def column_loop(W: torch.Tensor, U: torch.Tensor, blocksize: int, grids, backend
     holds the block-start state) and returns the block's :class:`ColumnGrids`. ``backend``:
     ``torch`` (tensor operations per column), ``triton`` (one kernel per block,
     :mod:`hbllm.quant.column_kernel`; the same result bit for bit) or ``auto`` (triton on CUDA
-    when it is installed); default :data:`BACKEND`. Returns the quantized weight, the codes ``(R, C)`` and the GPTQ loss
+    when it is installed and ``blocksize <= KERNEL_MAX_BLOCK``); default :data:`BACKEND`. Returns the quantized weight, the codes ``(R, C)`` and the GPTQ loss
     per row."""
     R, C = W.shape
     backend = backend or BACKEND
     if backend == "auto":
-        backend = "triton" if W.is_cuda and _has_triton() else "torch"
+        backend = "triton" if W.is_cuda and blocksize <= KERNEL_MAX_BLOCK and _has_triton() else "torch"
     if backend == "triton":
         from .column_kernel import block_columns
     Q = torch.empty_like(W)
