@@ -51,8 +51,8 @@ def column_loop(W: torch.Tensor, U: torch.Tensor, blocksize: int, grids, backend
     holds the block-start state) and returns the block's :class:`ColumnGrids`. ``backend``:
     ``torch`` (tensor operations per column), ``triton`` (one kernel per block,
     :mod:`hbllm.quant.column_kernel`; the same result bit for bit) or ``auto`` (triton on CUDA
-    when it is installed and ``blocksize <= KERNEL_MAX_BLOCK``); default :data:`BACKEND`. Returns the quantized weight, the codes ``(R, C)`` and the GPTQ loss
-    per row."""
+    when it is installed and ``blocksize <= KERNEL_MAX_BLOCK``); default :data:`BACKEND`.
+    Returns the quantized weight, the codes ``(R, C)`` and the GPTQ loss per row."""
     R, C = W.shape
     backend = backend or BACKEND
     if backend == "auto":
