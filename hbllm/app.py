@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .config import QuantConfig, RunConfig, packable_shape, schema, validate
-from .results import DONE, Results, RunLock, eval_keys, finished, missing_evals, model_key
+from .results import DONE, Results, RunLock, code_revision, eval_keys, finished, missing_evals, model_key
 
 log = logging.getLogger("hbllm")
 
@@ -241,7 +241,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             log.info("Resuming run %s from %s", key, run_dir)
         results.pop("error")
         results.update(status="running", model=rc.model.name, method=rc.quant.label,
-                       config=resolved)
+                       config=resolved, code=code_revision())
         try:
             _stages(rc, resolved, key, results, run_dir)
         except Exception as exc:

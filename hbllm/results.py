@@ -11,6 +11,11 @@ them. :func:`is_done` is the one reading of a run's recorded ``status`` (the app
 :data:`DONE` when a run completes); :data:`EXPERIMENT_PARTS` names the config entries that say
 what an experiment is (``hbllm-report``'s swept parameters are among them).
 
+**Provenance.** :func:`code_revision` (written as ``code`` when a run starts or resumes) names
+what produced the numbers: hbllm's version, the git commit of its source tree and whether it had
+uncommitted changes, and torch's version. Results of two code revisions can differ by more than
+a seed does (tie-breaking in the binarizers' searches), so a comparison should not mix them.
+
 **One writer.** :class:`RunLock` takes an exclusive ``fcntl.flock`` on ``<run dir>/.lock`` for
 the whole run. A second run of the same directory (a SLURM retry, a resubmitted sweep, another
 terminal) *waits* for the first, logging the holder's host and PID, then finds the stored work
@@ -31,6 +36,7 @@ import logging
 import math
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -128,6 +134,29 @@ def finished(data: dict[str, Any], resolved: dict[str, Any]) -> bool:
         return is_done(data)
     return (data.get("key") == model_key(resolved) and data.get("quantized") is True
             and not missing_evals(data, resolved))
+
+
+def code_revision() -> dict[str, Any]:
+    """``{"hbllm", "git", "dirty", "torch"}``: the package version, the commit of the git checkout
+    hbllm is imported from (``None`` for an installed wheel or without git) and whether tracked
+    files differ from it, and torch's version."""
+    import torch
+
+    from . import __version__
+
+    root = Path(__file__).resolve().parent.parent
+    git = dirty = None
+    try:
+        def run(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+
+        if Path(run("rev-parse", "--show-toplevel")).resolve() == root:
+            git = run("rev-parse", "HEAD")
+            dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"hbllm": __version__, "git": git, "dirty": dirty, "torch": torch.__version__}
 
 
 class CorruptResults(ValueError):

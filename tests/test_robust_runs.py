@@ -226,3 +226,15 @@ def test_a_single_bad_run_prints_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "hbllm: invalid config: quant.blocksize=7 must be even for HBLLM (Haar pairs adjacent "
         "columns inside a block)"]
+
+
+def test_results_name_the_code_that_produced_them(tmp_path):
+    import hbllm
+
+    res = app.run(compose(*TINY3), tmp_path)
+    code = json.loads((tmp_path / "results.json").read_text())["code"]
+    assert code == res["code"]
+    assert code["hbllm"] == hbllm.__version__ and code["torch"] == torch.__version__
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # tests run from a checkout: its commit is recorded
+        assert code["git"] == head.stdout.strip() and isinstance(code["dirty"], bool)
