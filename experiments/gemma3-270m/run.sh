@@ -44,7 +44,7 @@ fi
 #     runs kept in runs/ (experiments/gemma3-270m/frontier/).
 step methods16 env OMP_NUM_THREADS=1 hbllm -m experiment=gemma3_study data.local_dir=$DATA \
   hydra.job.name=gemma3_methods \
-  quant=gptq_w3g128,gptq_w2g128,pbllm,rtn_w3g128,gptq_w4g128,rtn_w2g128,rtn_w4g128,pbllm_lf70,arbllm_x,arbllm_rc
+  quant=gptq_w3g128,gptq_w2g128,pbllm,rtn_w3g128,gptq_w4g128,rtn_w2g128,rtn_w4g128,pbllm_lf70,arbllm_x,arbllm_rc,hbllm_row_b64,billm_b64,hbllm_row_b256,billm_b256,pbllm_lf80,pbllm_lf95
 # 4. The report (tables, CSV, plots).
 hbllm-report multirun/gemma3_study/gemma3-270m multirun/ablation_salient/gemma3-270m \
   multirun/ablation_grouping/gemma3-270m multirun/gemma3_seeds/gemma3-270m -o experiments/gemma3-270m/report
