@@ -59,7 +59,7 @@ MUTANTS = [
         ("hbllm/quant/block_loop.py", "W[:, e:] -= err @ U[s:e, e:]", "W[:, e:] += err @ U[s:e, e:]"),
     ], ["tests/test_quant_gptq.py", "tests/test_quant_reference.py"]),
     Mutant("no update inside a GPTQ block (quant/gptq.py)", [
-        ("hbllm/quant/gptq.py", "            W1[:, i:] -= torch.outer(e, U1[i, i:])\n", ""),
+        ("hbllm/quant/gptq.py", "\n                W1[:, i:] -= torch.outer(e, U1[i, i:])\n", "\n"),
     ], ["tests/test_quant_rtn_gptq.py"]),
 ]
 
@@ -87,7 +87,13 @@ def apply(root: Path, mutant: Mutant) -> None:
         if count != 1:
             sys.exit(f"mutant {mutant.name!r}: the old text occurs {count} times in {rel} (must be "
                      f"once); update its record in {__file__}:\n{old}")
-        path.write_text(text.replace(old, new))
+        mutated = text.replace(old, new)
+        if rel.endswith(".py"):
+            try:  # a mutant must be valid Python: a syntax error would be "caught" by every test
+                compile(mutated, rel, "exec")
+            except SyntaxError as exc:
+                sys.exit(f"mutant {mutant.name!r} does not compile ({exc}); update its record in {__file__}")
+        path.write_text(mutated)
 
 
 def run_tests(root: Path, tests: list[str], stop_first: bool) -> tuple[int, float, str]:
