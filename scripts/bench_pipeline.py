@@ -67,6 +67,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--method", default="hbllm")
     ap.add_argument("--layout", default="row")
     ap.add_argument("--blocksize", type=int, default=128)
+    ap.add_argument("--wbits", type=int, default=None, help="rtn/gptq grid bits (the method's default)")
+    ap.add_argument("--groupsize", type=int, default=None, help="rtn/gptq/pbllm groups (the method's default)")
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one, removed)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -81,7 +83,8 @@ def main(argv=None) -> dict:
                           else "cpu" if args.device == "auto" else args.device)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
     shutil.rmtree(out / "layers", ignore_errors=True)
-    quant = QuantConfig(method=args.method, layout=args.layout, blocksize=args.blocksize)
+    extra = {k: v for k, v in (("wbits", args.wbits), ("groupsize", args.groupsize)) if v is not None}
+    quant = QuantConfig(method=args.method, layout=args.layout, blocksize=args.blocksize, **extra)
 
     t_all = time.perf_counter()
     t = time.perf_counter()
