@@ -39,19 +39,30 @@ class QuantResult:
     codes: list[Codes] | None = None
 
 
-def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dead inputs (``diag(H) == 0``) get ``H[j,j] = 1``; damp by ``percdamp * mean(diag H)``;
-    return ``(U, dead)`` with U the upper Cholesky factor of ``H^-1`` ``(cols, cols)``."""
+def _damped(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H, dead)``: a copy of ``hessian`` whose dead inputs (``diag(H) == 0``) get ``H[j,j] = 1``,
+    damped by ``percdamp * mean(diag H)``; ``dead`` the bool mask of those inputs."""
     H = hessian.clone()
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1.0
     H.diagonal().add_(percdamp * H.diagonal().mean())
-    L, info = torch.linalg.cholesky_ex(H)
-    if info.item() == 0:
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    return H, dead
+
+
+def _check_factorized(info: torch.Tensor) -> None:
     if info.item() != 0:
         raise ValueError("the damped Hessian is not positive definite; raise quant.percdamp "
                          "or use more calibration tokens")
+
+
+def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dead inputs (``diag(H) == 0``) get ``H[j,j] = 1``; damp by ``percdamp * mean(diag H)``;
+    return ``(U, dead)`` with U the upper Cholesky factor of ``H^-1`` ``(cols, cols)``."""
+    H, dead = _damped(hessian, percdamp)
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item() == 0:
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    _check_factorized(info)
     return U, dead
 
 
@@ -59,13 +70,8 @@ def inverse_cholesky_diagonal(hessian: torch.Tensor, percdamp: float) -> torch.T
     """``diag(U)`` ``(cols,)`` of :func:`upper_inverse_cholesky` from one factorization: with
     ``H^-1 = U^T U``, ``H = U^-1 U^-T``, so ``1 / diag(U)`` is the diagonal of the Cholesky factor
     of ``H`` with rows and columns in reverse order."""
-    H = hessian.clone()
-    H.diagonal()[H.diagonal() == 0] = 1.0
-    H.diagonal().add_(percdamp * H.diagonal().mean())
-    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
-    if info.item() != 0:
-        raise ValueError("the damped Hessian is not positive definite; raise quant.percdamp "
-                         "or use more calibration tokens")
+    L, info = torch.linalg.cholesky_ex(_damped(hessian, percdamp)[0].flip(0, 1))
+    _check_factorized(info)
     return 1 / L.diagonal().flip(0)
 
 
