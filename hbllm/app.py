@@ -140,6 +140,17 @@ def _bos_id(tokenizer) -> int:
     return tokenizer.bos_token_id
 
 
+def calibration_tokens(rc: RunConfig, tokenizer) -> torch.Tensor:
+    """The run's calibration windows ``(nsamples, seqlen)`` (``seqlen + 1`` with ``calib.bos``:
+    the tokenizer's BOS token first), drawn with ``rc.seed``."""
+    from .data import get_calibration
+
+    calib = get_calibration(rc.calib, rc.data, tokenizer, rc.calib.seqlen or rc.model.seqlen, rc.seed)
+    if rc.calib.bos:
+        calib = torch.cat([torch.full_like(calib[:, :1], _bos_id(tokenizer)), calib], dim=1)
+    return calib
+
+
 def _stored(results: Results, entry: str, key: str) -> bool:
     """Whether evaluation ``entry`` (``section/name``) is stored with ``key``; a value computed
     earlier with the same key under other settings of the run is brought back into view."""
@@ -291,7 +302,7 @@ def _check_packable_shapes(model, quant: QuantConfig) -> None:
 def _stages(rc: RunConfig, resolved: dict[str, Any], key: str, results: Results,
             run_dir: Path) -> None:
     """The stages of :func:`run` not yet stored in the run directory."""
-    from .data import get_calibration, get_eval_tokens
+    from .data import get_eval_tokens
     from .layer_store import LayerStore
     from .models import load_model, load_tokenizer
     from .tracking import Tracker
@@ -326,10 +337,7 @@ def _stages(rc: RunConfig, resolved: dict[str, Any], key: str, results: Results,
     calib = None
     if rc.quant.spec.quantizes and need_model and not quantized:
         t0 = time.perf_counter()
-        calib = get_calibration(rc.calib, rc.data, tokenizer, rc.calib.seqlen or rc.model.seqlen,
-                                rc.seed)
-        if rc.calib.bos:
-            calib = torch.cat([torch.full_like(calib[:, :1], _bos_id(tokenizer)), calib], dim=1)
+        calib = calibration_tokens(rc, tokenizer)
         _add_time(results, "calibration_s", time.perf_counter() - t0)
 
     tracker = Tracker(rc, resolved, run_dir, key)

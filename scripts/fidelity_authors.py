@@ -35,9 +35,8 @@ def capture_pairs(layers, data_dir: str, overrides) -> dict:
     """``{"<layer>.<linear>": (W (out, in), H (in, in))}`` float32 for decoder ``layers``."""
     from hydra import compose, initialize_config_dir
 
-    import hbllm.app  # noqa: F401  (registers the schema and resolvers)
+    from hbllm.app import calibration_tokens  # (importing the app registers schema and resolvers)
     from hbllm.config import validate
-    from hbllm.data import get_calibration
     from hbllm.models import find_layers, load_model, load_tokenizer
     from hbllm.pipeline import capture_inputs, layer_hessians, run_layer
     from hbllm.weights import quantizable_weights
@@ -46,9 +45,7 @@ def capture_pairs(layers, data_dir: str, overrides) -> dict:
         cfg = compose("config", overrides=[*STUDY, f"data.local_dir={data_dir}", *overrides])
     rc = validate(cfg)
     tok = load_tokenizer(rc.model)
-    calib = get_calibration(rc.calib, rc.data, tok, rc.calib.seqlen or rc.model.seqlen, rc.seed)
-    if rc.calib.bos:
-        calib = torch.cat([torch.full_like(calib[:, :1], tok.bos_token_id), calib], dim=1)
+    calib = calibration_tokens(rc, tok)
     print(f"calibration {tuple(calib.shape)}; loading {rc.model.name} ...", flush=True)
     model = load_model(rc.model, rc.seed).float()
     device = torch.device("cpu")
