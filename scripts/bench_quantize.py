@@ -207,6 +207,11 @@ def load_arbllm(folder: Path):
     return bigptq, binary
 
 
+def damped_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """``L`` with ``L L^T = H + 0.01 mean(diag H) I``: the metric of :func:`output_error`."""
+    return torch.linalg.cholesky(h + 0.01 * h.diagonal().mean() * torch.eye(h.shape[0], device=h.device))
+
+
 def output_error(w: torch.Tensor, q: torch.Tensor, chol: torch.Tensor) -> float:
     """``||(W - Q) L|| / ||W L||`` with ``L`` the Cholesky factor of H."""
     return float(((w - q.to(w.dtype)) @ chol).norm() / (w @ chol).norm())
@@ -270,8 +275,7 @@ def main() -> None:
     w, h = synthetic_inputs(256, 256, 512, device)  # warm-up (CUDA context, kernels)
     quantize_weight(w, h, QuantConfig(**METHODS["hbllm_row"]))
     authors = AuthorsCode(args.authors_dir) if args.authors_dir else None
-    chol = {name: torch.linalg.cholesky(h + 0.01 * h.diagonal().mean() * torch.eye(h.shape[0], device=device))
-            for name, (w, h) in inputs.items()} if authors else {}
+    chol = {name: damped_cholesky(h) for name, (w, h) in inputs.items()} if authors else {}
     print(f"{'method':<10} {'linear':<10} {'shape':>12} {'seconds':>8} {'peak GiB':>9} {'loss':>12} "
           f"{'bits':>5} {'full':>5}" + ("  authors s  ratio  out.err ours / authors" if authors else ""))
     for method in args.methods:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quantize import METHODS, AuthorsCode, output_error  # noqa: E402
+from bench_quantize import METHODS, AuthorsCode, damped_cholesky, output_error  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ["experiment=gemma3_study", "quant=fp16", "logger.group=fidelity"]
@@ -91,6 +91,7 @@ def main() -> None:
     pairs = {k: v for k, v in cached.items() if int(k.split(".")[0]) in want
              and (args.linears is None or k.split(".")[-1] in args.linears)}
     authors = AuthorsCode(args.authors_dir)
+    chols = {name: damped_cholesky(h) for name, (w, h) in pairs.items()}
     from hbllm.config import QuantConfig
     from hbllm.quant import quantize_weight
 
@@ -103,7 +104,7 @@ def main() -> None:
             print(f"{method}: no authors' code in {args.authors_dir} (skipped)")
             continue
         for name, (w, h) in pairs.items():
-            chol = torch.linalg.cholesky(h + 0.01 * h.diagonal().mean() * torch.eye(h.shape[0]))
+            chol = chols[name]
             authors.prepare(cfg, h)
             t0 = time.perf_counter()
             ours = quantize_weight(w, h, cfg).weight
