@@ -123,7 +123,7 @@ def tune(packs, l2: int, only=None) -> dict:
     tensor-core GEMV (8 and 16 tokens) by graph time, written into ``cuda_lut.TUNED`` /
     ``cuda_mma.TUNED``; ``mm``: the Triton tiles' config summed over the shapes at 16 tokens."""
     sweeps = {"lut": (cuda_lut.TUNED, (1, 4), [dict(warps=w, cb=cb) for w in (2, 4, 8, 16)
-                                                  for cb in (1, 2, 4)]),
+                                                  for cb in (1, 2, 4, 8)]),
               "mma": (cuda_mma.TUNED, (8, 16), [dict(ksplit=k) for k in (4, 8, 16)])}
     chosen = {}
     for label, (packed, meta) in packs.items():

@@ -178,11 +178,11 @@ def test_cuda_sources_compile_for_sm90():
     for row in (True, False):
         for bs, cb, msv, ssv in ((128, 2, 2, 2), (128, 1, 1, 1), (64, 4, 2, 1), (64, 1, 1, 2)):
             mv = word_vec(bs // 32)
-            svec, ssvec = msv == 2 and (row or cb % 2 == 0), ssv == 2 and cb % 2 == 0
             for nt, bf16 in ((1, False), (4, True)):
                 ptx = _compile_ptx(nvrtc.full_source(cuda_lut.SOURCE, "k", **cuda_lut.macros(
-                    row, nt, bf16, bs, cb, mv, msv, ssv, svec, ssvec)))
-                assert (".v4.u32" in ptx) == (mv == 4 or svec or ssvec)
+                    row, nt, bf16, bs, cb, mv, msv, ssv)))
+                # 16-byte loads: 4 words a lane, or a row-layout block's two statistics groups
+                assert (".v4.u32" in ptx) == (mv == 4 or (row and msv == 2))
             for nt, bf16 in ((1, True), (8, False), (16, True)):
                 ptx = _compile_ptx(nvrtc.full_source(cuda_mma.SOURCE, "k", **cuda_mma.macros(
                     row, nt, bf16, bs, mv, msv, ssv)))

@@ -51,7 +51,7 @@ SOURCE = r"""
 #define WPB (BS / 32)                 // words per quantization block
 #define WC (CB * WPB)                 // main words per column chunk
 #define GW (ROW ? BS / 64 : BS / 32)  // main words per statistics group
-#define NGC (WC / GW)                 // main groups per chunk
+#define GPB (WPB / GW)                // main statistics groups per block (row 2, col 1)
 #define POS (WC * 8)                  // main table positions (4 inputs each) per token
 #if MV == 4                           // main words per lane load (runtime.word_vec)
 typedef uint4 wvec;
@@ -60,6 +60,9 @@ __device__ __forceinline__ void unvec(uint4 a, unsigned* o) { o[0] = a.x; o[1] =
 typedef uint2 wvec;
 __device__ __forceinline__ void unvec(uint2 a, unsigned* o) { o[0] = a.x; o[1] = a.y; }
 #endif
+// what a lane reads for one quantization block: main words and group statistics, salient
+// statistics, the block's salient words [f0, f1) and the first of them (most blocks have one)
+struct Blk { unsigned s[WPB], g[WPB]; uint2 tg[GPB]; uint2 ts; unsigned s1, g1; int f0, f1; };
 // acc += the group's masked sums weighted by the row's statistics t = [m0, a0, m1, a1] (fp16)
 __device__ __forceinline__ void fold(float* acc, uint2 t, float* z, float* zg, float* zs, float* zx) {
   const float4 v = stats4(t);
@@ -75,13 +78,13 @@ __device__ __forceinline__ void fold(float* acc, uint2 t, float* z, float* zg, f
 __device__ __forceinline__ unsigned nib(unsigned v, int k) {
   return (k == 0 ? v << 2 : v >> (4 * k - 2)) & 0x3cu;
 }
-// masked sums of one word (s, g) against tables tb (word's 8 positions x 16, per token tstride)
+// masked sums of one word (s, g) against tables tb (word's 8 positions x 16, per token tstride);
+// the s & g index is the AND of the two extracted ones (one instruction instead of two)
 __device__ __forceinline__ void word(unsigned s, unsigned g, const float* tb, const float* tw,
     int tstride, int wstride, float* z, float* zg, float* zs, float* zx) {
-  const unsigned x = s & g;
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
-    const unsigned is = nib(s, k), ig = nib(g, k), ix = nib(x, k);
+    const unsigned is = nib(s, k), ig = nib(g, k), ix = is & ig;
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
       const char* t = reinterpret_cast<const char*>(tb + n * tstride + 16 * k);
@@ -131,57 +134,32 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   const int t = min(tw, (R + 31) / 32 - 1);  // warps past the last tile load it, store nothing
   const int cb0 = blockIdx.y * CB, ncb = min(CB, NB - cb0);
   const int w0 = cb0 * WPB, nw = ncb * WPB;
-  // this lane's words and statistics (tiled layout: a warp's load is consecutive memory), in
-  // flight while the tables are built; tiles past the band hold zeros
-  unsigned s[WC], g[WC];
-  uint2 tg[NGC];
+  // block a's words and statistics for this lane (tiled layout: a warp's load is consecutive
+  // memory; tiles past the band hold zeros)
+  auto load = [&](Blk& k, int a) {
 #pragma unroll
-  for (int i = 0; i < WC; i += MV) {
-    if (i < nw) {
-      const size_t at = ((size_t)t * (W / MV) + (w0 + i) / MV) * 32 + lane;
-      const wvec a = reinterpret_cast<const wvec*>(ms)[at];
-      const wvec b = reinterpret_cast<const wvec*>(mm)[at];
-      unvec(a, s + i);
-      unvec(b, g + i);
+    for (int i = 0; i < WPB; i += MV) {
+      const size_t at = ((size_t)t * (W / MV) + (a * WPB + i) / MV) * 32 + lane;
+      unvec(reinterpret_cast<const wvec*>(ms)[at], k.s + i);
+      unvec(reinterpret_cast<const wvec*>(mm)[at], k.g + i);
     }
-  }
-  const int g0 = w0 / GW;
-#pragma unroll
-  for (int i = 0; i < NGC; i += 1 + SVEC) {
-    if (i * GW < nw) {
-#if SVEC  // two groups per 16-byte load
-      const size_t at = ((size_t)t * (G / 2) + (g0 + i) / 2) * 32 + lane;
-      const uint4 v = reinterpret_cast<const uint4*>(mst)[at];
-      tg[i] = make_uint2(v.x, v.y);
-      tg[i + 1] = make_uint2(v.z, v.w);
+#if ROW && MSV == 2  // the block's two groups, one 16-byte load
+    const uint4 v = reinterpret_cast<const uint4*>(mst)[((size_t)t * (G / 2) + a) * 32 + lane];
+    k.tg[0] = make_uint2(v.x, v.y);
+    k.tg[1] = make_uint2(v.z, v.w);
 #else
-      tg[i] = mst[tidx(t, g0 + i, lane, G, MSV)];
-#endif
-    }
-  }
-  int sf[CB + 1];
 #pragma unroll
-  for (int b = 0; b <= CB; ++b) sf[b] = sfirst[cb0 + min(b, ncb)];
-  const int sw0 = sf[0], nsw = sf[CB] - sw0;
-  unsigned s1[CB], g1[CB];  // first salient word of each block (most blocks have one)
-  uint2 ts[CB];
-#pragma unroll
-  for (int b = 0; b < CB; ++b) {
-    if (b < ncb) {
-#if SSVEC
-      if (b % 2 == 0) {
-        const size_t at = ((size_t)t * (NB / 2) + (cb0 + b) / 2) * 32 + lane;
-        const uint4 v = reinterpret_cast<const uint4*>(sst)[at];
-        ts[b] = make_uint2(v.x, v.y);
-        if (b + 1 < CB) ts[b + 1] = make_uint2(v.z, v.w);
-      }
-#else
-      ts[b] = sst[tidx(t, cb0 + b, lane, NB, SSV)];
+    for (int j = 0; j < GPB; ++j) k.tg[j] = mst[tidx(t, a * GPB + j, lane, G, MSV)];
 #endif
-      s1[b] = sf[b] < sf[b + 1] ? ss[((size_t)t * SW + sf[b]) * 32 + lane] : 0u;
-      g1[b] = sf[b] < sf[b + 1] ? sm[((size_t)t * SW + sf[b]) * 32 + lane] : 0u;
-    }
-  }
+    k.ts = sst[tidx(t, a, lane, NB, SSV)];
+    k.f0 = sfirst[a];
+    k.f1 = sfirst[a + 1];
+    k.s1 = k.f0 < k.f1 ? ss[((size_t)t * SW + k.f0) * 32 + lane] : 0u;
+    k.g1 = k.f0 < k.f1 ? sm[((size_t)t * SW + k.f0) * 32 + lane] : 0u;
+  };
+  Blk cur, nxt;
+  load(cur, cb0);  // in flight while the tables are built
+  const int sw0 = sfirst[cb0], nsw = sfirst[cb0 + ncb] - sw0;
   // tables: main inputs of the chunk (row layout: the Haar domain), x at its salient slots
   tables(tm, tmw, N, nw * 8, POS, [&](int n, int j) -> float {
     const u16* xn = x + (size_t)n * C;
@@ -203,23 +181,22 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   float am[NT], as[NT], z[NT], zg[NT], zs[NT], zx[NT];
 #pragma unroll
   for (int n = 0; n < NT; ++n) am[n] = as[n] = z[n] = zg[n] = zs[n] = zx[n] = 0.f;
+  // one block at a time, the next one's loads in flight
+#pragma unroll 1
+  for (int b = 0; b < ncb; ++b) {
+    load(nxt, cb0 + min(b + 1, ncb - 1));  // (no branch: the loads issue before the work)
 #pragma unroll
-  for (int i = 0; i < WC; ++i) {
-    if (i < nw) {
-      word(s[i], g[i], tm + i * 128, tmw + i, POS * 16, WC, z, zg, zs, zx);
-      if ((i + 1) % GW == 0) fold(am, tg[i / GW], z, zg, zs, zx);
+    for (int i = 0; i < WPB; ++i) {
+      word(cur.s[i], cur.g[i], tm + (b * WPB + i) * 128, tmw + b * WPB + i, POS * 16, WC, z, zg, zs, zx);
+      if ((i + 1) % GW == 0) fold(am, cur.tg[i / GW], z, zg, zs, zx);
     }
-  }
-#pragma unroll
-  for (int b = 0; b < CB; ++b) {
-    if (b < ncb) {
-      for (int w = sf[b]; w < sf[b + 1]; ++w) {
-        const unsigned sw = w == sf[b] ? s1[b] : ss[((size_t)t * SW + w) * 32 + lane];
-        const unsigned gw = w == sf[b] ? g1[b] : sm[((size_t)t * SW + w) * 32 + lane];
-        word(sw, gw, tsl + (w - sw0) * 128, tsw + (w - sw0), SMAX * 128, SMAX, z, zg, zs, zx);
-      }
-      fold(as, ts[b], z, zg, zs, zx);
+    for (int w = cur.f0; w < cur.f1; ++w) {
+      const unsigned sw = w == cur.f0 ? cur.s1 : ss[((size_t)t * SW + w) * 32 + lane];
+      const unsigned gw = w == cur.f0 ? cur.g1 : sm[((size_t)t * SW + w) * 32 + lane];
+      word(sw, gw, tsl + (w - sw0) * 128, tsw + (w - sw0), SMAX * 128, SMAX, z, zg, zs, zx);
     }
+    fold(as, cur.ts, z, zg, zs, zx);
+    cur = nxt;
   }
   // lanes -> output rows 2 p0 + lane: (lo + hi, lo - hi) of pair lane / 2 (+ main row)
   float out[NT];
@@ -262,29 +239,22 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
 
 @functools.cache
 def _kernel(row: bool, nt: int, bf16: bool, bs: int, cb: int, mv: int, msv: int, ssv: int,
-            svec: bool, ssvec: bool, device: int):
-    name = (f"hbllm_lut_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}_{cb}"
-            f"_{mv}{msv}{ssv}{int(svec)}{int(ssvec)}")
-    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bf16, bs, cb, mv, msv, ssv,
-                                                                svec, ssvec))
+            device: int):
+    name = f"hbllm_lut_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}_{cb}_{mv}{msv}{ssv}"
+    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bf16, bs, cb, mv, msv, ssv))
 
 
-def macros(row: bool, nt: int, bf16: bool, bs: int, cb: int, mv: int, msv: int, ssv: int,
-           svec: bool, ssvec: bool) -> dict:
+def macros(row: bool, nt: int, bf16: bool, bs: int, cb: int, mv: int, msv: int, ssv: int) -> dict:
     """The compile-time constants of one kernel variant (see :func:`variant`)."""
-    return dict(ROW=int(row), NT=nt, DT=int(bf16), BS=bs, CB=cb, MV=mv, MSV=msv, SSV=ssv,
-                SVEC=int(svec), SSVEC=int(ssvec))
+    return dict(ROW=int(row), NT=nt, DT=int(bf16), BS=bs, CB=cb, MV=mv, MSV=msv, SSV=ssv)
 
 
 def variant(rt: dict[str, torch.Tensor], meta: dict, nt: int, bf16: bool, cb: int) -> tuple:
-    """Kernel variant for a layer's buffers: (row, nt, bf16, bs, cb, word vector, main and salient
-    statistics vectors, 16-byte statistics loads for main and salient)."""
+    """Kernel variant for a layer's buffers: (row, nt, bf16, bs, cb, words per lane load, main and
+    salient statistics groups per lane load)."""
     row, bs = meta["layout"] == "row", meta["blocksize"]
     mv, msv, ssv = rt["main_sign"].shape[-1], rt["main_stats"].shape[-2], rt["sal_stats"].shape[-2]
-    # two groups per 16-byte load where the chunk's first group is even (tiles hold pairs)
-    svec = msv == 2 and (row or cb % 2 == 0)
-    ssvec = ssv == 2 and cb % 2 == 0
-    return row, nt, bf16, bs, cb, mv, msv, ssv, svec, ssvec
+    return row, nt, bf16, bs, cb, mv, msv, ssv
 
 
 @functools.cache
@@ -293,8 +263,7 @@ def available() -> bool:
     if not nvrtc.supported():
         return False
     try:
-        _kernel(True, 1, False, 128, CONFIG["cb"], 4, 2, 2, True, CONFIG["cb"] % 2 == 0,
-                torch.cuda.current_device())
+        _kernel(True, 1, False, 128, CONFIG["cb"], 4, 2, 2, torch.cuda.current_device())
         return True
     except Exception:  # no NVRTC, an old driver, ...: the other kernels stay in use
         return False
