@@ -41,10 +41,10 @@ MAX_TOKENS = 4
 # on an H100 with the row-major layout (experiments/benchmarks/RESULTS.md); TUNED: per
 # (rows, cols, tokens a launch), as ``--tune`` prints it for the tiled layout.
 CONFIG = {"warps": 4, "cb": 2}
-TUNED: dict[tuple, dict] = {  # H200, 2026-11-29 (experiments/benchmarks/raw/kernel_tiled_2026-11-29.json)
+TUNED: dict[tuple, dict] = {  # H200, 2026-11-29 (experiments/benchmarks/raw/kernel_loop_2026-11-29.json)
     (4096, 4096, 1): {"warps": 8, "cb": 2}, (4096, 4096, 4): {"warps": 8, "cb": 2},
-    (11008, 4096, 1): {"warps": 4, "cb": 2}, (11008, 4096, 4): {"warps": 8, "cb": 1},
-    (4096, 11008, 1): {"warps": 4, "cb": 2}, (4096, 11008, 4): {"warps": 8, "cb": 1},
+    (11008, 4096, 1): {"warps": 8, "cb": 4}, (11008, 4096, 4): {"warps": 4, "cb": 1},
+    (4096, 11008, 1): {"warps": 8, "cb": 4}, (4096, 11008, 4): {"warps": 4, "cb": 1},
 }
 
 SOURCE = r"""
@@ -79,11 +79,13 @@ __device__ __forceinline__ unsigned nib(unsigned v, int k) {
   return (k == 0 ? v << 2 : v >> (4 * k - 2)) & 0x3cu;
 }
 // masked sums of one word (s, g) against tables tb (word's 8 positions x 16, per token tstride);
-// the s & g index is the AND of the two extracted ones (one instruction instead of two)
+// the s & g index is the AND of the two extracted ones; only the first nk nibbles are read (a
+// salient word's padded slots, x = 0, are at its end)
 __device__ __forceinline__ void word(unsigned s, unsigned g, const float* tb, const float* tw,
-    int tstride, int wstride, float* z, float* zg, float* zs, float* zx) {
+    int tstride, int wstride, float* z, float* zg, float* zs, float* zx, int nk = 8) {
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
+    if (k >= nk) break;
     const unsigned is = nib(s, k), ig = nib(g, k), ix = is & ig;
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
@@ -127,6 +129,7 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   float* tsl = tm + NT * POS * 16;              // [NT][SMAX * 8][16] salient tables
   float* tmw = tsl + NT * SMAX * 128;           // [NT][WC] main word totals
   float* tsw = tmw + NT * WC;                   // [NT][SMAX] salient word totals
+  int* tsn = reinterpret_cast<int*>(tsw + NT * SMAX);  // [SMAX] live nibbles of a salient word
   const float c = (float)cd;
   const int lane = threadIdx.x & 31, W = C >> 5;
   const int tw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);  // row tile of the warp
@@ -177,6 +180,12 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     const int col = sc[sw0 * 32 + j];
     return col >= 0 ? ld(x[(size_t)n * C + col]) : 0.f;
   });
+  for (int q = threadIdx.x; q < nsw; q += blockDim.x) {
+    int k = 0;
+#pragma unroll
+    for (int p = 0; p < 8; ++p) k += sc[(sw0 + q) * 32 + 4 * p] >= 0;
+    tsn[q] = k;
+  }
   __syncthreads();
   float am[NT], as[NT], z[NT], zg[NT], zs[NT], zx[NT];
 #pragma unroll
@@ -193,7 +202,7 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     for (int w = cur.f0; w < cur.f1; ++w) {
       const unsigned sw = w == cur.f0 ? cur.s1 : ss[((size_t)t * SW + w) * 32 + lane];
       const unsigned gw = w == cur.f0 ? cur.g1 : sm[((size_t)t * SW + w) * 32 + lane];
-      word(sw, gw, tsl + (w - sw0) * 128, tsw + (w - sw0), SMAX * 128, SMAX, z, zg, zs, zx);
+      word(sw, gw, tsl + (w - sw0) * 128, tsw + (w - sw0), SMAX * 128, SMAX, z, zg, zs, zx, tsn[w - sw0]);
     }
     fold(as, cur.ts, z, zg, zs, zx);
     cur = nxt;
@@ -300,7 +309,7 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
                      nvrtc.device_index(x.device))
     words = cb * bs // 32
     smax = min(words, cb * scratch.get("block_sal_words", bs // 32))  # salient words of a chunk, at most
-    smem = 4 * nt * (words + smax) * (8 * 16 + 1)  # main and salient tables, word totals
+    smem = 4 * nt * (words + smax) * (8 * 16 + 1) + 4 * smax  # tables, word totals, live nibbles
     grid = (tiles, (nb + cb - 1) // cb, 1)
     return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
                         extra=[rt["sal_first"], sc["ws"], sc["cnt"], smax])
