@@ -15,7 +15,10 @@ entries lie in 16 distinct banks: the reads never conflict.
 Grid: (tiles of ``warps x 16`` row pairs, column chunks of ``cb`` quantization blocks). A warp
 owns 16 row pairs (32 output rows) of one chunk; lanes are band rows -- the output rows
 ``2p0 + lane`` for the row layout's main band, the pairs' low (lanes 0-15) and high (16-31) rows
-otherwise -- and shuffles combine them into output rows. With several chunks, blocks add their
+otherwise -- and shuffles combine them into output rows. A warp walks its chunk one quantization
+block at a time (main words, statistics, the block's salient words), the next block's loads in
+flight while it works on the current one; a salient word reads only its live nibbles (its padded
+slots, at its end, are counted once per launch). With several chunks, blocks add their
 partial outputs into a float32 workspace; the last block of a tile (a counter per tile) writes
 the fp16/bf16 output and zeroes the workspace and counter for the next call, so one launch does
 it all (calls on one layer must not overlap in time: they share the workspace). The float32
