@@ -28,11 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
 from bench_kernel import SHAPES, copies, graph_time_us  # noqa: E402
-from packed_synthetic import random_codes  # noqa: E402
 
 from hbllm.packed import cuda_lut  # noqa: E402
 from hbllm.packed.format import linear_meta, pack_linear  # noqa: E402
 from hbllm.packed.module import PackedLinear  # noqa: E402
+from packed_synthetic import random_codes  # noqa: E402
 
 WORD = "word(cur.s[i], cur.g[i], tm + (b * WPB + i) * 128, tmw + b * WPB + i, POS * 16, WC, z, zg, zs, zx);"
 SAL = "word(sw, gw, tsl + (w - sw0) * 128, tsw + (w - sw0), SMAX * 128, SMAX, z, zg, zs, zx, tsn[w - sw0]);"
@@ -42,7 +42,8 @@ PATCHES = {
     "loads": [(WORD, "z[0] += (float)(cur.s[i] ^ cur.g[i]);"), (SAL, "z[0] += (float)(sw ^ gw);")],
     "cached": [(LOAD, "load(nxt, cb0 + ((b + 1) & 1) * (ncb > 1));")],
     "nosal": [(SAL, "")],
-    "notables": [("  tables(tm, tmw,", "  if (0) tables(tm, tmw,"), ("  tables(tsl, tsw,", "  if (0) tables(tsl, tsw,")],
+    "notables": [("  tables(tm, tmw,", "  if (0) tables(tm, tmw,"),
+                 ("  tables(tsl, tsw,", "  if (0) tables(tsl, tsw,")],
 }
 
 
@@ -60,7 +61,7 @@ def main() -> None:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     original = cuda_lut.SOURCE
     out = []
-    for label, (rows, cols) in SHAPES.items():
+    for rows, cols in SHAPES.values():
         codes = random_codes("row", rows, cols, max_k=12, seed=0)
         packed, meta = pack_linear(codes), linear_meta(codes)
         mods = copies(functools.partial(PackedLinear, packed, meta, device="cuda"), 8 << 20, l2)

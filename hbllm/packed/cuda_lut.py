@@ -45,9 +45,9 @@ MAX_TOKENS = 4
 # (rows, cols, tokens a launch), as ``--tune`` prints it for the tiled layout.
 CONFIG = {"warps": 4, "cb": 2}
 TUNED: dict[tuple, dict] = {  # H200, 2026-11-29 (experiments/benchmarks/raw/kernel_loop_2026-11-29.json)
-    (4096, 4096, 1): {"warps": 8, "cb": 2}, (4096, 4096, 4): {"warps": 8, "cb": 2},
+    (4096, 4096, 1): {"warps": 16, "cb": 1}, (4096, 4096, 4): {"warps": 8, "cb": 2},
     (11008, 4096, 1): {"warps": 8, "cb": 4}, (11008, 4096, 4): {"warps": 4, "cb": 1},
-    (4096, 11008, 1): {"warps": 8, "cb": 4}, (4096, 11008, 4): {"warps": 4, "cb": 1},
+    (4096, 11008, 1): {"warps": 8, "cb": 4}, (4096, 11008, 4): {"warps": 8, "cb": 1},
 }
 
 SOURCE = r"""
