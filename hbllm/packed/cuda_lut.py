@@ -139,7 +139,7 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   const int p0 = tw * 16;                                               // its first pair
   const int t = min(tw, (R + 31) / 32 - 1);  // warps past the last tile load it, store nothing
   const int cb0 = blockIdx.y * CB, ncb = min(CB, NB - cb0);
-  const int w0 = cb0 * WPB, nw = ncb * WPB;
+  const int nw = ncb * WPB;  // main words of the chunk
   // block a's words and statistics for this lane (tiled layout: a warp's load is consecutive
   // memory; tiles past the band hold zeros)
   auto load = [&](Blk& k, int a) {
@@ -175,7 +175,7 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     const float e = ld((u16)(two & 0xffff)), o = ld((u16)(two >> 16));
     return c * (h ? e - o : e + o);
 #else
-    const int col = w0 * 32 + j;
+    const int col = cb0 * BS + j;
     return keep[col] ? ld(xn[col]) : 0.f;
 #endif
   });
