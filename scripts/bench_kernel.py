@@ -29,7 +29,7 @@ from triton.testing import do_bench
 
 import hbllm
 from hbllm.config import QuantConfig
-from hbllm.packed import cuda_lut, cuda_mma, module, triton_kernels
+from hbllm.packed import cuda_codebook, cuda_lut, cuda_mma, module, triton_kernels
 from hbllm.packed.codes import dequantize, from_quantizer
 from hbllm.packed.format import linear_meta, pack_linear, tensor_bytes
 from hbllm.packed.module import PackedLinear
@@ -124,7 +124,9 @@ def tune(packs, l2: int, only=None) -> dict:
     ``cuda_mma.TUNED``; ``mm``: the Triton tiles' config summed over the shapes at 16 tokens."""
     sweeps = {"lut": (cuda_lut.TUNED, (1, 4), [dict(warps=w, cb=cb) for w in (2, 4, 8, 16)
                                                   for cb in (1, 2, 4, 8)]),
-              "mma": (cuda_mma.TUNED, (8, 16), [dict(ksplit=k) for k in (4, 8, 16)])}
+              "mma": (cuda_mma.TUNED, (8, 16), [dict(ksplit=k) for k in (4, 8, 16)]),
+              "cb": (cuda_codebook.TUNED, (8, 16), [dict(warps=w, cb=cb) for w in (2, 4, 8)
+                                                    for cb in (1, 2, 4, 8)])}
     chosen = {}
     for label, (packed, meta) in packs.items():
         rows, cols = meta["rows"], meta["cols"]
@@ -310,14 +312,15 @@ def bench_7b(packs) -> dict:
 def print_report(report: dict, tables: dict) -> None:
     print(f"\n{report['device']}, copy {report['copy_GBps']:.0f} GB/s, "
           f"{report['seconds']:.0f} s; configs {report['configs']}")
-    print("| layer | shape | batch | fp16 us | packed us | kernel | lut us | mma us | triton us "
+    print("| layer | shape | batch | fp16 us | packed us | kernel | lut us | mma us | cb us | triton us "
           "| speedup | packed GB/s | % copy BW (fp16) | rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     bad = []
     for r in report["layers"]:
         print(f"| {r['layer']} | {r['shape']} | {r['batch']} | {r['fp16_us']:.1f} | "
               f"{r['packed_us']:.1f} | {r['kernel']} | {r['packed_lut_us']:.1f} | "
-              f"{r['packed_mma_us']:.1f} | {r['packed_triton_us']:.1f} | {r['speedup']:.2f}x | "
+              f"{r['packed_mma_us']:.1f} | {r['packed_cb_us']:.1f} | {r['packed_triton_us']:.1f} | "
+              f"{r['speedup']:.2f}x | "
               f"{r['packed_GBps']:.0f} | {100 * r['packed_bw_frac']:.0f}% "
               f"({100 * r['fp16_bw_frac']:.0f}%) | {r['rel_err_vs_dequant']:.1e} |")
         errs = [r["rel_err_vs_dequant"]] + [r[f"rel_err_{k}"] for k in module.KERNELS]
@@ -341,6 +344,7 @@ def print_report(report: dict, tables: dict) -> None:
     print("KERNEL_TABLE =", tables["kernel"])
     print("cuda_lut.TUNED =", tables["lut"])
     print("cuda_mma.TUNED =", tables["mma"])
+    print("cuda_codebook.TUNED =", tables["cb"])
     print("ALL OUTPUTS WITHIN TOL" if not bad else f"ERRORS ABOVE {TOL}: {bad}")
 
 
@@ -374,11 +378,12 @@ def main() -> None:
     if args.tune is not None:
         report["tuning"] = tune(packs, l2, args.tune)
     report["configs"] = {"lut": dict(cuda_lut.CONFIG), "mma": dict(cuda_mma.CONFIG),
+                         "cb": dict(cuda_codebook.CONFIG),
                          "triton_gemv": dict(triton_kernels.GEMV_CONFIG),
                          "mm": dict(triton_kernels.MM_CONFIG)}
     report["layers"] = bench_layers(packs, codes_by_label, report["copy_GBps"] * 1e9, l2)
     tables = {"kernel": dict(module.KERNEL_TABLE), "lut": dict(cuda_lut.TUNED),
-              "mma": dict(cuda_mma.TUNED)}
+              "mma": dict(cuda_mma.TUNED), "cb": dict(cuda_codebook.TUNED)}
     if not args.skip_7b:
         report["llama7b"] = bench_7b(packs)
         print(json.dumps(report["llama7b"]), flush=True)

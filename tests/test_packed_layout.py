@@ -7,17 +7,19 @@ import os
 import pytest
 import torch
 
-from hbllm.packed import cuda_lut, cuda_mma, nvrtc
+from hbllm.packed import codebook, cuda_codebook, cuda_lut, cuda_mma, nvrtc
 from hbllm.packed.codes import dequantize
 from hbllm.packed.format import linear_meta, pack_linear
 from hbllm.packed.runtime import (
     band_rows,
+    band_words,
     build_runtime,
     haar_input,
     salient_input,
     stats_vec,
     tile,
     tile_slots,
+    unpack_words,
     untile,
     word_vec,
 )
@@ -187,3 +189,65 @@ def test_cuda_sources_compile_for_sm90():
                 ptx = _compile_ptx(nvrtc.full_source(cuda_mma.SOURCE, "k", **cuda_mma.macros(
                     row, nt, bf16, bs, mv, msv, ssv)))
                 assert "mma.sync.aligned.m16n8k16" in ptx
+            for nt in (8, 16):
+                ptx = _compile_ptx(nvrtc.full_source(cuda_codebook.SOURCE, "k", **cuda_codebook.macros(
+                    row, nt, bs, cb)))
+                assert "mma.sync.aligned.m16n8k16" in ptx and "prmt.b32" in ptx
+
+
+def _emulate_codebook(cb: dict, rt: dict, meta: dict, band: str) -> torch.Tensor:
+    """What a lane's A fragments hold, for every lane, word and register, by the kernel's own
+    steps (selector, byte permute of the row's codebook): float32 (T * 32, 32 W), slot order."""
+    codes, bk = cb[f"cb_{band}"], cb[f"book_{band}"]
+    tiles = codes.shape[0]
+    if band == "main":  # (T, W/2, 32, [A, B, A, B]) -> (T, W, 32, [A, B])
+        codes = codes.view(tiles, -1, 32, 2, 2).transpose(2, 3).reshape(tiles, -1, 32, 2)
+    words = codes.shape[1]
+    w = codes.long() & 0xFFFFFFFF
+    gpb = bk.shape[-1] // 4
+    byts = bk.contiguous().view(torch.uint8).view(tiles, bk.shape[1], 32, gpb, 8).long()
+    if band == "main":
+        wpb = meta["blocksize"] // 32
+        blk, grp = torch.arange(words) // wpb, (torch.arange(words) % wpb) * gpb // wpb
+    else:
+        blk, grp = rt["sal_wgrp"].long(), torch.zeros(words, dtype=torch.long)
+    wb = byts.permute(1, 3, 0, 2, 4)[blk, grp].permute(1, 0, 2, 3)  # (T, W, slot, 8 bytes)
+    lane = torch.arange(32)
+    g, q = lane // 4, lane % 4
+    out = torch.zeros(tiles, 32, words, 32)
+    for j, p in enumerate(codebook.FIELDS):
+        tau, r, h = j // 4, (j // 2) % 2, j % 2
+        col = 16 * tau + 8 * r + 2 * q
+        for v in range(2):
+            slot = g + 8 * h + 16 * v
+            sel = codebook.selector(w[..., v], p)  # (T, W, 32)
+            row_bytes = wb[:, :, slot, :]  # (T, W, 32 lanes, 8)
+            b = [torch.gather(row_bytes, -1, ((sel >> (4 * i)) & 7)[..., None]).squeeze(-1)
+                 for i in range(4)]
+            for k, (lo, hi) in enumerate(((b[0], b[1]), (b[2], b[3]))):
+                half = (lo | (hi << 8)).to(torch.int16).view(torch.float16).float()
+                out[:, slot, :, col + k] = half.permute(2, 0, 1)
+    return out.view(tiles * 32, words * 32)
+
+
+@pytest.mark.parametrize("layout,blocksize", [("row", 128), ("row", 64), ("col", 128), ("col", 64)])
+def test_codebook_layout_decodes_to_the_band(layout, blocksize):
+    """The tensor-core codebook buffers, decoded the way the kernel decodes them (a selector
+    from the stored word, a byte permute of the row's codebook), give every band's weights
+    (fp16 codebook values) at their slots, and zeros in padding slots; 70 rows (a partial tile),
+    blocks with several salient words."""
+    codes = random_codes(layout, 70, 4 * blocksize, blocksize=blocksize, seed=2, max_k=blocksize - 1)
+    meta = linear_meta(codes)
+    rt = build_runtime(pack_linear(codes), meta)
+    cb = codebook.build(rt, meta)
+    for band in ("main", "sal"):
+        sign, member, stats = band_words(rt, band, meta)
+        values = codebook.book(stats).float()[:, rt[f"{band}_wgrp"].long().repeat_interleave(32)]
+        code = unpack_words(sign).long() + 2 * unpack_words(member).long()
+        want = torch.gather(values, -1, code[..., None]).squeeze(-1)  # (R, 32 W)
+        got = _emulate_codebook(cb, rt, meta, band)
+        slots = tile_slots(70, band_rows(band, meta))
+        live = slots >= 0
+        assert torch.equal(got[live], want[slots[live]]), band
+        assert not got[~live].any(), band
+    assert cb["book_main"].dtype == torch.float16 and cb["cb_main"].dtype == torch.int32

@@ -3,7 +3,7 @@ layout, vs the dequantized-weight matmul (CUDA only)."""
 import pytest
 import torch
 
-from hbllm.packed import cuda_lut, cuda_mma, module
+from hbllm.packed import cuda_codebook, cuda_lut, cuda_mma, module
 from hbllm.packed.codes import dequantize
 from hbllm.packed.format import linear_meta, pack_linear
 from hbllm.packed.module import GEMV_MAX_TOKENS, MMA_MAX_TOKENS, PackedLinear, triton_kernels
@@ -172,3 +172,47 @@ def test_tuned_tables_pick_kernel_and_config(monkeypatch):
         calls.clear()
         mod(x[:n])
         assert calls == want, n
+
+
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("blocksize,cols", [(128, 384), (64, 320), (128, 11008)])
+@pytest.mark.parametrize("cb", [1, 2, 4])
+def test_codebook_gemv_chunks_and_workspace(monkeypatch, layout, blocksize, cols, cb):
+    """The tensor-core codebook GEMV: column chunks of ``cb`` blocks (a partial last chunk when
+    cb does not divide the blocks), blocksize 64, 70 rows (a partial tile), 1-17 tokens (one and
+    two n-tiles, two launches), blocks with up to blocksize/32 salient words; calling again gives
+    the same output (the workspace and counters are reset by the last block of a tile)."""
+    monkeypatch.setitem(cuda_codebook.CONFIG, "cb", cb)
+    codes = random_codes(layout, 70, cols, blocksize=blocksize, seed=cols + cb, max_k=blocksize - 1)
+    mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
+    mod.gemv = "cb"
+    x = torch.randn(17, cols, device="cuda", dtype=torch.float16)
+    ref = x.double() @ dequantize(codes).double().cuda().T
+    for n in (1, 3, 8, 9, 16, 17):
+        y = mod(x[:n])
+        assert ((y.double() - ref[:n]).norm() / ref[:n].norm()).item() < 4e-3, n
+        again = mod(x[:n]).double()
+        assert ((again - y.double()).norm() / y.double().norm()).item() < 1e-3, n
+
+
+def test_codebook_gemv_in_a_graph_after_a_first_call():
+    """The codebook buffers are built at the first call (it synchronizes): inside a capture that
+    is a clear error; after one eager call, replays of a captured graph compute the layer."""
+    codes = random_codes("row", 256, 1024, seed=11)
+    mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
+    mod.gemv = "cb"
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="call the layer once before capturing"):
+        with torch.cuda.graph(graph):
+            mod(x)
+    mod(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = mod(x)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        ref = x.double() @ dequantize(codes).double().cuda().T
+        graph.replay()
+        torch.cuda.synchronize()
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..quant.haar import INVERSE
-from . import cuda_lut, cuda_mma
+from . import cuda_codebook, cuda_lut, cuda_mma
 from .runtime import build_runtime, pair_output, salient_input, torch_forward
 
 try:  # Triton exists only where CUDA does; the CPU path never needs it.
@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 GEMV_MAX_TOKENS = 4  # fallback rule: up to this many tokens the lookup-table GEMV (cuda_lut),
 MMA_MAX_TOKENS = 16  # up to this many the tensor-core GEMV (cuda_mma); then Triton
-KERNELS = ("lut", "mma", "triton")
+KERNELS = ("lut", "mma", "cb", "triton")
 # Measured choice per layer shape: (rows, cols) -> ((most tokens, kernel), ...) in increasing
 # token order, as ``scripts/bench_kernel.py`` prints it; token counts past the last entry, and
 # shapes not listed, follow the fallback rule above.
@@ -37,7 +37,7 @@ KERNEL_TABLE: dict[tuple, tuple] = {
 
 
 def kernel_for(rows: int, cols: int, tokens: int) -> str:
-    """The kernel ("lut", "mma" or "triton") for ``tokens`` tokens of a (rows, cols) layer."""
+    """The kernel (one of :data:`KERNELS`) for ``tokens`` tokens of a (rows, cols) layer."""
     for most, kernel in KERNEL_TABLE.get((rows, cols), ()):
         if tokens <= most:
             return kernel
@@ -97,6 +97,8 @@ class PackedLinear(nn.Module):
         n, sal_words = x.shape[0], rt["sal_wgrp"].numel()
         half = x.dtype in (torch.float16, torch.bfloat16)
         kernel = kernel_for(m["rows"], m["cols"], n) if self.gemv == "auto" else self.gemv
+        if kernel == "cb" and x.dtype == torch.float16 and cuda_codebook.available():
+            return cuda_codebook.gemv(x, rt, m, c, self._scratch)  # 16 tokens a launch
         if kernel == "lut" and half and n <= MMA_MAX_TOKENS and cuda_lut.available():
             return cuda_lut.gemv(x, rt, m, c, self._scratch)  # 4 tokens a launch
         if (kernel in ("lut", "mma") and half and n <= MMA_MAX_TOKENS and cuda_mma.available()

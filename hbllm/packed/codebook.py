@@ -1,0 +1,100 @@
+"""Codebook form of a packed linear for the tensor-core GEMV (:mod:`hbllm.packed.cuda_codebook`).
+
+A coefficient of a band row is one of four values per statistics group, ``m_g + a_g (2s - 1)``:
+its 2-bit code ``c = s + 2g`` picks it from the row's *codebook*
+``[m0 - a0, m0 + a0, m1 - a1, m1 + a1]`` (fp16, 8 bytes, the same size as the statistics).
+The codes are stored in the order the MMA reads them, so that a lane turns one stored word into
+eight fp16 pairs of its A fragments with a few integer instructions and one byte permute each:
+
+* a row tile (32 band slots of :func:`hbllm.packed.runtime.tile_slots`) is two MMA tiles of 16
+  rows: slots 0-15 ("A") and 16-31 ("B"); lane ``l = 4g + q`` holds rows ``g, g + 8`` of each;
+* per 32-column word, lane ``l`` gets two int32: ``A`` (rows g, g + 8 of tile A) and ``B``
+  (tile B). Register ``j = 4 tau + 2 r + h`` (k16 step ``tau``, k half ``r``, row ``g + 8h``)
+  covers columns ``16 tau + 8 r + 2q`` (even) and the next (odd); their codes sit at bits
+  ``P_j, P_j + 1`` and ``P_j + 8, P_j + 9`` with ``P = FIELDS``;
+* :func:`selector` turns such a word into the byte-permute selector that picks the even and odd
+  fp16 values out of the two codebook registers (``__byte_perm(book_lo, book_hi, sel)``).
+
+Buffers (:func:`build`), tiled like the runtime's (a warp's load is consecutive memory):
+``cb_main`` int32 (T, W/2, 32, 4) -- words ``2i, 2i + 1`` of a lane as ``(A, B, A, B)``;
+``cb_sal`` int32 (T, W_sal, 32, 2); ``book_main`` fp16 (T, blocks, 32, 4 * groups per block);
+``book_sal`` fp16 (T, blocks, 32, 4). fp16 inputs only (a bf16 codebook would round the values).
+"""
+from __future__ import annotations
+
+import torch
+
+from .runtime import band_words, tile_slots, unpack_words
+
+FIELDS = (0, 2, 4, 6, 16, 18, 20, 22)  # bit of register j's even code; its odd code is 8 higher
+
+
+def selector(word: torch.Tensor, p: int) -> torch.Tensor:
+    """Byte-permute selector of the register whose codes sit at bits ``p`` and ``p + 8``:
+    nibbles ``2c, 2c + 1`` (even column) and ``2c', 2c' + 1`` (odd), i.e. the bytes of half
+    ``c`` of the 8-byte codebook. int64 in, int64 out (the kernel's integer arithmetic)."""
+    return ((word >> p) & 0x0303) * 0x22 + 0x1010
+
+
+def book(stats: torch.Tensor) -> torch.Tensor:
+    """fp16 statistics (..., 4) ``[m0, a0, m1, a1]`` -> fp16 codebook ``[m0-a0, m0+a0, m1-a1,
+    m1+a1]`` (computed in float32, rounded once)."""
+    m0, a0, m1, a1 = stats.float().unbind(-1)
+    return torch.stack([m0 - a0, m0 + a0, m1 - a1, m1 + a1], -1).to(torch.float16)
+
+
+def _lane_maps(device):
+    """(slot (32, 2, 8), even column (32, 8)) of lane l, word A/B, register j."""
+    lane = torch.arange(32, device=device)
+    g, q = lane // 4, lane % 4
+    j = torch.arange(8, device=device)
+    tau, r, h = j // 4, (j // 2) % 2, j % 2
+    slot = (g[:, None, None] + 8 * h[None, None, :] + 16 * torch.arange(2, device=device)[None, :, None])
+    col = 16 * tau[None, :] + 8 * r[None, :] + 2 * q[:, None]
+    return slot, col
+
+
+def pack_codes(sign: torch.Tensor, member: torch.Tensor, rows: int, pair: bool) -> torch.Tensor:
+    """Row-major band words (R, W) int32 -> codebook codes int32 (T, W, 32, 2)."""
+    dev = sign.device
+    code = unpack_words(sign).long() | (unpack_words(member).long() << 1)  # (R, 32W)
+    slots = tile_slots(rows, pair, dev)
+    live = slots >= 0
+    full = torch.zeros(slots.numel(), code.shape[1], dtype=torch.long, device=dev)
+    full[live] = code[slots[live]]
+    tiles, words = slots.numel() // 32, code.shape[1] // 32
+    c = full.view(tiles, 32, words, 32).permute(0, 2, 1, 3)  # (T, W, slot, col)
+    slot, col = _lane_maps(dev)
+    even = c[:, :, slot, col[:, None, :]]  # (T, W, 32, 2, 8)
+    odd = c[:, :, slot, col[:, None, :] + 1]
+    p = torch.tensor(FIELDS, device=dev)
+    word = ((even << p) | (odd << (p + 8))).sum(-1)  # disjoint fields: sum = or
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def _tile_rows(a: torch.Tensor, rows: int, pair: bool) -> torch.Tensor:
+    """(R, ...) -> (T, 32, ...) in slot order, zeros in padding slots."""
+    slots = tile_slots(rows, pair, a.device)
+    live = slots >= 0
+    out = a.new_zeros((slots.numel(),) + tuple(a.shape[1:]))
+    out[live] = a[slots[live]]
+    return out.view(slots.numel() // 32, 32, *a.shape[1:])
+
+
+def build(rt: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    """Codebook buffers (module docstring) from the runtime buffers of
+    :func:`hbllm.packed.runtime.build_runtime`, on their device."""
+    rows, nblk = meta["rows"], meta["cols"] // meta["blocksize"]
+    out = {}
+    for band in ("main", "sal"):
+        pair = band == "sal" or meta["layout"] == "col"
+        sign, member, stats = band_words(rt, band, meta)
+        codes = pack_codes(sign, member, rows, pair)  # (T, W, 32, 2)
+        bk = _tile_rows(book(stats), rows, pair)  # (T, 32, G, 4)
+        tiles = bk.shape[0]
+        bk = bk.view(tiles, 32, nblk, -1).transpose(1, 2).contiguous()  # (T, NB, 32, 4 G/NB)
+        if band == "main":
+            w = codes.shape[1]
+            codes = codes.view(tiles, w // 2, 2, 32, 2).transpose(2, 3).reshape(tiles, w // 2, 32, 4)
+        out[f"cb_{band}"], out[f"book_{band}"] = codes.contiguous(), bk
+    return out

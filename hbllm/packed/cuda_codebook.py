@@ -1,0 +1,301 @@
+"""Packed linear on tensor cores with per-row codebooks (1-16 fp16 tokens a launch), compiled at
+first use with NVRTC.
+
+Each coefficient is decoded straight to its fp16 value: the buffers of
+:mod:`hbllm.packed.codebook` hold, per lane and 32-column word, the 2-bit codes of the lane's
+A-fragment registers, and a register is ``__byte_perm(book_lo, book_hi, selector)`` of the row's
+8-byte codebook -- a shift, a mask and a multiply-add (``((w >> (p - 1)) & 0x0606) * 0x11 + 0x1010`` for codes
+at bit ``p``) and a byte permute for two coefficients. One ``mma.m16n8k16`` then multiplies 16 rows x 16 columns by up
+to 8 tokens, so the decode is shared by all tokens of a launch (two n-tiles for 9-16).
+
+Grid: (groups of ``warps`` row tiles, column chunks of ``cb`` quantization blocks), as the
+lookup-table GEMV: a block stages its chunk's inputs in shared memory in the order the B
+fragments read them (row layout: the Haar domain) and the chunk's salient inputs; a warp owns one
+row tile (two MMA tiles of 16 slots) and walks the chunk one quantization block at a time, the
+next block's codes and codebooks in flight. A lane loads its own slot's codebooks and takes the
+four rows it needs by shuffles. Partial outputs of several chunks meet in a float32 workspace;
+the last block of a tile writes the output (same scheme and caveats as :mod:`cuda_lut`).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import codebook, nvrtc
+
+MAX_TOKENS = 16
+CONFIG = {"warps": 4, "cb": 2}
+TUNED: dict[tuple, dict] = {}
+
+SOURCE = r"""
+#define WPB (BS / 32)           // words per quantization block
+#define GPB (ROW ? 2 : 1)       // main codebooks (statistics groups) per block
+#define WPGR (WPB / GPB)         // main words per group
+#define NTILE (NT > 8 ? 2 : 1)  // n-tiles of 8 tokens
+#define NT8 (8 * NTILE)
+#define ZW (((CB * WPB) | 1) * 32)  // halves per token row of the chunk's main inputs (odd count of
+                                    // 64-byte words: two token rows never share a bank)
+__device__ __forceinline__ void mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// selector of the register whose codes sit at bits P, P + 1 (even column) and P + 8, P + 9 (odd):
+// nibbles 2c, 2c + 1, 2c', 2c' + 1 (the bytes of codebook halves c, c')
+template <int P> __device__ __forceinline__ unsigned sel(unsigned w) {
+  if constexpr (P == 0) return (w & 0x0303u) * 0x22u + 0x1010u;
+  else return ((w >> (P - 1)) & 0x0606u) * 0x11u + 0x1010u;
+}
+// bytes of (hi:lo) picked by the selector's nibbles (all below 8: no sign replication)
+__device__ __forceinline__ unsigned perm(uint2 b, unsigned s) {
+  unsigned r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(b.x), "r"(b.y), "r"(s));
+  return r;
+}
+// position of column c (0..31) of a word in shared memory: lane q's B values of both k16 steps
+// (columns 16 tau + 8 r + 2q + e) are 8 consecutive halves
+__device__ __forceinline__ int zpos(int c) {
+  const int tau = c >> 4, i = c & 15;
+  return ((i >> 1) & 3) * 8 + tau * 4 + (i >> 3) * 2 + (i & 1);
+}
+// codebooks of the four rows of this lane (slots g, g + 8, g + 16, g + 24) from the lanes that
+// loaded them (lane l holds slot l's)
+__device__ __forceinline__ void books(uint2 own, int g, uint2* bk) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    bk[k].x = __shfl_sync(0xffffffffu, own.x, g + 8 * k);
+    bk[k].y = __shfl_sync(0xffffffffu, own.y, g + 8 * k);
+  }
+}
+// one 32-column word: codes wa (tile A), wb (tile B); B fragments of the n-tiles bz; books bk
+__device__ __forceinline__ void word(float (*acc)[NTILE][4], unsigned wa, unsigned wb,
+                                     const uint4* bz, const uint2* bk) {
+#pragma unroll
+  for (int v = 0; v < 2; ++v) {
+    const unsigned w = v ? wb : wa;
+    const uint2 b0 = bk[2 * v], b1 = bk[2 * v + 1];  // rows g, g + 8 of the tile
+    unsigned a[2][4];
+    a[0][0] = perm(b0, sel<0>(w));
+    a[0][1] = perm(b1, sel<2>(w));
+    a[0][2] = perm(b0, sel<4>(w));
+    a[0][3] = perm(b1, sel<6>(w));
+    a[1][0] = perm(b0, sel<16>(w));
+    a[1][1] = perm(b1, sel<18>(w));
+    a[1][2] = perm(b0, sel<20>(w));
+    a[1][3] = perm(b1, sel<22>(w));
+#pragma unroll
+    for (int h = 0; h < NTILE; ++h) {
+      mma(acc[v][h], a[0], bz[h].x, bz[h].y);
+      mma(acc[v][h], a[1], bz[h].z, bz[h].w);
+    }
+  }
+}
+// what a lane reads for one quantization block
+struct Blk { uint4 c[WPB / 2]; uint2 bm[GPB]; uint2 bs; uint2 s1; int f0, f1; };
+extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
+    const int* __restrict__ sfirst, const uint4* __restrict__ cbm, const uint2* __restrict__ bkm,
+    const uint2* __restrict__ cbs, const uint2* __restrict__ bks, float* __restrict__ ws,
+    unsigned* __restrict__ cnt, int SMAX) {
+  extern __shared__ float4 smem4[];
+  const int ZSW = (SMAX | 1) * 32;                    // halves per token row of the salient inputs
+  u16* zm = reinterpret_cast<u16*>(smem4);            // [NT][ZW] main inputs of the chunk
+  u16* zs = zm + NT * ZW;                             // [NT][ZSW] salient inputs of the chunk
+  float* fin = reinterpret_cast<float*>(zs + NT * ZSW);  // [warps][32 rows][NT8] outputs
+  const float c = (float)cd;
+  const int T = (R + 31) / 32, W = C >> 5;
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+  const int tw = blockIdx.x * (blockDim.x >> 5) + wid;  // row tile of the warp
+  const int t = min(tw, T - 1);  // warps past the last tile compute it again, store nothing
+  const int cb0 = blockIdx.y * CB, ncb = min(CB, NB - cb0);
+  const int sw0 = sfirst[cb0], nsw = sfirst[cb0 + ncb] - sw0;
+  auto load = [&](Blk& k, int a) {
+#pragma unroll
+    for (int i = 0; i < WPB / 2; ++i) k.c[i] = cbm[((size_t)t * (W / 2) + a * (WPB / 2) + i) * 32 + lane];
+#pragma unroll
+    for (int j = 0; j < GPB; ++j) k.bm[j] = bkm[(((size_t)t * NB + a) * 32 + lane) * GPB + j];
+    k.bs = bks[((size_t)t * NB + a) * 32 + lane];
+    k.f0 = sfirst[a];
+    k.f1 = sfirst[a + 1];
+    k.s1 = k.f0 < k.f1 ? cbs[((size_t)t * SW + k.f0) * 32 + lane] : make_uint2(0u, 0u);
+  };
+  Blk cur, nxt;
+  load(cur, cb0);  // in flight while the inputs are staged
+  // inputs -> shared memory in B-fragment order (fp16; row layout: c (x_even +- x_odd))
+#if ROW
+  for (int it = threadIdx.x; it < N * ncb * (BS / 2); it += blockDim.x) {
+    const int n = it / (ncb * (BS / 2)), pp = it - n * (ncb * (BS / 2));
+    const int b = pp / (BS / 2), kk = pp - b * (BS / 2);
+    const unsigned two = reinterpret_cast<const unsigned*>(x + (size_t)n * C)[((cb0 + b) * BS >> 1) + kk];
+    const float e = ld((u16)(two & 0xffff)), o = ld((u16)(two >> 16));
+    const int lo = b * BS + kk, hi = lo + BS / 2;
+    zm[n * ZW + (lo & ~31) + zpos(lo & 31)] = st(c * (e + o));
+    zm[n * ZW + (hi & ~31) + zpos(hi & 31)] = st(c * (e - o));
+  }
+#else
+  for (int it = threadIdx.x; it < N * ncb * BS; it += blockDim.x) {
+    const int n = it / (ncb * BS), j = it - n * (ncb * BS), col = cb0 * BS + j;
+    zm[n * ZW + (j & ~31) + zpos(j & 31)] = keep[col] ? x[(size_t)n * C + col] : (u16)0;
+  }
+#endif
+  for (int it = threadIdx.x; it < N * nsw * 32; it += blockDim.x) {
+    const int n = it / (nsw * 32), j = it - n * (nsw * 32), col = sc[sw0 * 32 + j];
+    zs[n * ZSW + (j & ~31) + zpos(j & 31)] = col >= 0 ? x[(size_t)n * C + col] : (u16)0;
+  }
+  float* fw = fin + wid * 32 * NT8;
+  for (int i = lane; i < 32 * NT8; i += 32) fw[i] = 0.f;
+  __syncthreads();
+  float am[2][NTILE][4], as[2][NTILE][4];  // [MMA tile][n-tile][fragment], main and salient
+#pragma unroll
+  for (int v = 0; v < 2; ++v)
+#pragma unroll
+    for (int h = 0; h < NTILE; ++h)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) am[v][h][j] = as[v][h][j] = 0.f;
+  // this lane's token rows of the B fragments (n-tile h: token 8h + g, clamped to a real one)
+  int zo[NTILE];
+#pragma unroll
+  for (int h = 0; h < NTILE; ++h) zo[h] = min(8 * h + g, N - 1);
+#pragma unroll 1
+  for (int b = 0; b < ncb; ++b) {
+    load(nxt, cb0 + min(b + 1, ncb - 1));  // (no branch: the loads issue before the work)
+#pragma unroll
+    for (int j = 0; j < GPB; ++j) {
+      uint2 bk[4];
+      books(cur.bm[j], g, bk);
+#pragma unroll
+      for (int i = j * WPGR; i < (j + 1) * WPGR; ++i) {
+        uint4 bz[NTILE];
+#pragma unroll
+        for (int h = 0; h < NTILE; ++h)
+          bz[h] = *reinterpret_cast<const uint4*>(zm + zo[h] * ZW + (b * WPB + i) * 32 + q * 8);
+        const uint4 cw = cur.c[i / 2];
+        word(am, i % 2 ? cw.z : cw.x, i % 2 ? cw.w : cw.y, bz, bk);
+      }
+    }
+    if (cur.f0 < cur.f1) {
+      uint2 bk[4];
+      books(cur.bs, g, bk);
+      for (int w = cur.f0; w < cur.f1; ++w) {
+        const uint2 cw = w == cur.f0 ? cur.s1 : cbs[((size_t)t * SW + w) * 32 + lane];
+        uint4 bz[NTILE];
+#pragma unroll
+        for (int h = 0; h < NTILE; ++h)
+          bz[h] = *reinterpret_cast<const uint4*>(zs + zo[h] * ZSW + (w - sw0) * 32 + q * 8);
+        word(as, cw.x, cw.y, bz, bk);
+      }
+    }
+    cur = nxt;
+  }
+  // fragments -> the warp's 32 output rows: element j of n-tile h is row g + 8 (j >> 1) of the
+  // MMA tile, token 8h + 2q + (j & 1); salient (and col-layout main) tiles are the low (A) and
+  // high (B) rows of pairs g + 8 (j >> 1), output rows 2p, 2p + 1
+#pragma unroll
+  for (int h = 0; h < NTILE; ++h)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int n = 8 * h + 2 * q + (j & 1), p = g + 8 * (j >> 1);
+      if (n < N) {
+#if ROW
+        atomicAdd(fw + p * NT8 + n, am[0][h][j]);
+        atomicAdd(fw + (16 + p) * NT8 + n, am[1][h][j]);
+        const float lo = as[0][h][j], hi = as[1][h][j];
+#else
+        const float lo = am[0][h][j] + as[0][h][j], hi = am[1][h][j] + as[1][h][j];
+#endif
+        atomicAdd(fw + 2 * p * NT8 + n, c * (lo + hi));
+        atomicAdd(fw + (2 * p + 1) * NT8 + n, c * (lo - hi));
+      }
+    }
+  __syncwarp();
+  const int row = 32 * tw + lane;
+  const bool mine = tw < T && row < R;
+  if (gridDim.y == 1) {
+    if (mine)
+      for (int n = 0; n < N; ++n) y[(size_t)n * R + row] = st(fw[lane * NT8 + n]);
+    return;
+  }
+  if (mine)
+    for (int n = 0; n < N; ++n) atomicAdd(ws + (size_t)n * R + row, fw[lane * NT8 + n]);
+  __threadfence();
+  __syncthreads();
+  bool last = false;
+  if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1u) == gridDim.y - 1;
+  if (!__syncthreads_or(last)) return;
+  __threadfence();
+  if (mine)
+    for (int n = 0; n < N; ++n) y[(size_t)n * R + row] = st(atomicExch(ws + (size_t)n * R + row, 0.f));
+  if (threadIdx.x == 0) cnt[blockIdx.x] = 0u;
+}
+"""
+
+
+def macros(row: bool, nt: int, bs: int, cb: int) -> dict:
+    """Compile-time constants: layout, tokens a launch (8 or 16), blocksize, blocks per chunk."""
+    return dict(ROW=int(row), NT=nt, DT=0, BS=bs, CB=cb)
+
+
+@functools.cache
+def _kernel(row: bool, nt: int, bs: int, cb: int, device: int):
+    name = f"hbllm_cb_{'row' if row else 'col'}_{nt}_{bs}_{cb}"
+    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bs, cb))
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the NVRTC kernel compiles here (CUDA, PyTorch >= 2.9, sm_80 or newer)."""
+    if not nvrtc.supported() or torch.cuda.get_device_capability()[0] < 8:
+        return False
+    try:
+        _kernel(True, 8, 128, CONFIG["cb"], torch.cuda.current_device())
+        return True
+    except Exception:  # no NVRTC, an old driver, ...: the other kernels stay in use
+        return False
+
+
+def config(rows: int, cols: int, nt: int) -> dict:
+    """Launch config of a (rows, cols) layer at ``nt`` tokens a launch: :data:`TUNED`, else
+    :data:`CONFIG`."""
+    return TUNED.get((rows, cols, nt), CONFIG)
+
+
+def buffers(rt: dict[str, torch.Tensor], meta: dict, scratch: dict) -> dict:
+    """Per layer and device (kept in ``scratch``): the codebook buffers, salient block starts,
+    a zeroed float32 workspace (MAX_TOKENS x rows) and tile counters (enough for one warp a
+    block)."""
+    key = ("codebook", str(rt["sal_first"].device))
+    if key not in scratch:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the codebook GEMV builds its buffers at a layer's first call, which "
+                               "synchronizes: call the layer once before capturing a CUDA graph")
+        cbuf = codebook.build(rt, meta)
+        tiles = (meta["rows"] + 31) // 32
+        cbuf["ws"] = torch.zeros(MAX_TOKENS * meta["rows"], device=rt["sal_first"].device)
+        cbuf["cnt"] = torch.zeros(tiles, device=rt["sal_first"].device, dtype=torch.int32)
+        scratch[key] = cbuf
+    return scratch[key]
+
+
+def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
+         scratch: dict) -> torch.Tensor:
+    """y (N, R) = x (N, C) W^T for fp16 x (N, C) contiguous on CUDA, 16 tokens a launch.
+    ``scratch``: a dict the caller keeps per layer (buffers, workspace; calls on one layer must
+    not overlap in time)."""
+    n, cols = x.shape
+    nt = 8 if n <= 8 else 16
+    cfg = config(meta["rows"], cols, nt)
+    warps, cb = cfg["warps"], cfg["cb"]
+    bs, nb = meta["blocksize"], cols // meta["blocksize"]
+    buf = buffers(rt, meta, scratch)
+    kernel = _kernel(meta["layout"] == "row", nt, bs, cb, nvrtc.device_index(x.device))
+    tiles = (meta["rows"] + 31) // 32
+    smax = min(cb * bs // 32, cb * scratch.get("block_sal_words", bs // 32))
+    zw = ((cb * bs // 32) | 1) * 32
+    zsw = (smax | 1) * 32
+    ntile = 2 if nt > 8 else 1
+    smem = 2 * nt * (zw + zsw) + 4 * warps * 32 * 8 * ntile
+    grid = ((tiles + warps - 1) // warps, (nb + cb - 1) // cb, 1)
+    return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
+                        extra=[rt["sal_first"], buf["cb_main"], buf["book_main"], buf["cb_sal"],
+                               buf["book_sal"], buf["ws"], buf["cnt"], smax])
