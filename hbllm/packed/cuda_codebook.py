@@ -122,26 +122,57 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   };
   Blk cur, nxt;
   load(cur, cb0);  // in flight while the inputs are staged
-  // inputs -> shared memory in B-fragment order (fp16; row layout: c (x_even +- x_odd))
+  // inputs -> shared memory in B-fragment order (fp16; row layout: c (x_even +- x_odd)): 8 columns
+  // (16 bytes) an item, SU items of a thread loaded before any is stored
+  const int per = ncb * BS / 8, items = N * per;
+  for (int base = threadIdx.x; base < items; base += SU * blockDim.x) {
+    uint4 v[SU];
+#pragma unroll
+    for (int u = 0; u < SU; ++u) {
+      const int it = base + u * blockDim.x, n = it / per;
+      if (it < items) v[u] = *reinterpret_cast<const uint4*>(x + (size_t)n * C + cb0 * BS + (it - n * per) * 8);
+    }
+#pragma unroll
+    for (int u = 0; u < SU; ++u) {
+      const int it = base + u * blockDim.x, n = it / per, j0 = (it - n * per) * 8;
+      if (it < items) {
+        const unsigned two[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+        u16* zn = zm + n * ZW;
 #if ROW
-  for (int it = threadIdx.x; it < N * ncb * (BS / 2); it += blockDim.x) {
-    const int n = it / (ncb * (BS / 2)), pp = it - n * (ncb * (BS / 2));
-    const int b = pp / (BS / 2), kk = pp - b * (BS / 2);
-    const unsigned two = reinterpret_cast<const unsigned*>(x + (size_t)n * C)[((cb0 + b) * BS >> 1) + kk];
-    const float e = ld((u16)(two & 0xffff)), o = ld((u16)(two >> 16));
-    const int lo = b * BS + kk, hi = lo + BS / 2;
-    zm[n * ZW + (lo & ~31) + zpos(lo & 31)] = st(c * (e + o));
-    zm[n * ZW + (hi & ~31) + zpos(hi & 31)] = st(c * (e - o));
-  }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {  // column pair j0/2 + k of block b -> Haar low / high
+          const float e = ld((u16)(two[k] & 0xffff)), o = ld((u16)(two[k] >> 16));
+          const int pp = (j0 >> 1) + k, b = pp / (BS / 2), lo = b * BS + (pp - b * (BS / 2)), hi = lo + BS / 2;
+          zn[(lo & ~31) + zpos(lo & 31)] = st(c * (e + o));
+          zn[(hi & ~31) + zpos(hi & 31)] = st(c * (e - o));
+        }
 #else
-  for (int it = threadIdx.x; it < N * ncb * BS; it += blockDim.x) {
-    const int n = it / (ncb * BS), j = it - n * (ncb * BS), col = cb0 * BS + j;
-    zm[n * ZW + (j & ~31) + zpos(j & 31)] = keep[col] ? x[(size_t)n * C + col] : (u16)0;
-  }
+        const uint2 kp = *reinterpret_cast<const uint2*>(keep + cb0 * BS + j0);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const int j = j0 + k;
+          const u16 h = (u16)(k & 1 ? two[k >> 1] >> 16 : two[k >> 1] & 0xffff);
+          const bool kept = ((k < 4 ? kp.x : kp.y) >> (8 * (k & 3))) & 0xff;
+          zn[(j & ~31) + zpos(j & 31)] = kept ? h : (u16)0;
+        }
 #endif
-  for (int it = threadIdx.x; it < N * nsw * 32; it += blockDim.x) {
-    const int n = it / (nsw * 32), j = it - n * (nsw * 32), col = sc[sw0 * 32 + j];
-    zs[n * ZSW + (j & ~31) + zpos(j & 31)] = col >= 0 ? x[(size_t)n * C + col] : (u16)0;
+      }
+    }
+  }
+  const int sitems = N * nsw * 32;
+  for (int base = threadIdx.x; base < sitems; base += SU * blockDim.x) {
+    u16 h[SU];
+#pragma unroll
+    for (int u = 0; u < SU; ++u) {
+      const int it = base + u * blockDim.x, n = it / (nsw * 32), j = it - n * (nsw * 32);
+      const int col = it < sitems ? sc[sw0 * 32 + j] : -1;
+      h[u] = col >= 0 ? x[(size_t)n * C + col] : (u16)0;
+    }
+#pragma unroll
+    for (int u = 0; u < SU; ++u) {
+      const int it = base + u * blockDim.x, n = it / (nsw * 32), j = it - n * (nsw * 32);
+      if (it < sitems) zs[n * ZSW + (j & ~31) + zpos(j & 31)] = h[u];
+    }
   }
   float* fw = fin + wid * 32 * NT8;
   for (int i = lane; i < 32 * NT8; i += 32) fw[i] = 0.f;
@@ -233,7 +264,7 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
 
 def macros(row: bool, nt: int, bs: int, cb: int) -> dict:
     """Compile-time constants: layout, tokens a launch (8 or 16), blocksize, blocks per chunk."""
-    return dict(ROW=int(row), NT=nt, DT=0, BS=bs, CB=cb)
+    return dict(ROW=int(row), NT=nt, DT=0, BS=bs, CB=cb, SU=4)
 
 
 @functools.cache
