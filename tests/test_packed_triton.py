@@ -51,18 +51,22 @@ def test_triton_matches_dequantized(layout, shared, inverse, batch, dtype, block
 
 
 def test_auto_picks_each_kernel_by_tokens(monkeypatch):
-    assert cuda_lut.available() and cuda_mma.available()
+    """The fallback rule for a shape without measurements: the lookup-table GEMV up to
+    GEMV_MAX_TOKENS, then the codebook GEMV (fp16) or the +-1 tensor-core GEMV (bf16) up to
+    MMA_MAX_TOKENS, then Triton."""
+    assert cuda_lut.available() and cuda_mma.available() and cuda_codebook.available()
     codes = random_codes("row", 64, 256, seed=3)
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
     calls = []
-    for name, kernel in (("lut", cuda_lut), ("mma", cuda_mma)):
+    for name, kernel in (("lut", cuda_lut), ("mma", cuda_mma), ("cb", cuda_codebook)):
         monkeypatch.setattr(kernel, "gemv", lambda x, *a, name=name: calls.append(name)
-                            or torch.zeros(x.shape[0], 64, device="cuda"))
-    for n, want in ((1, "lut"), (GEMV_MAX_TOKENS, "lut"), (GEMV_MAX_TOKENS + 1, "mma"),
-                    (MMA_MAX_TOKENS, "mma"), (MMA_MAX_TOKENS + 1, None)):
-        calls.clear()
-        mod(torch.randn(n, 256, device="cuda", dtype=torch.float16))
-        assert calls == ([want] if want else []), n
+                            or torch.zeros(x.shape[0], 64, device="cuda", dtype=x.dtype))
+    for dtype, tensor_core in ((torch.float16, "cb"), (torch.bfloat16, "mma")):
+        for n, want in ((1, "lut"), (GEMV_MAX_TOKENS, "lut"), (GEMV_MAX_TOKENS + 1, tensor_core),
+                        (MMA_MAX_TOKENS, tensor_core), (MMA_MAX_TOKENS + 1, None)):
+            calls.clear()
+            mod(torch.randn(n, 256, device="cuda", dtype=dtype))
+            assert calls == ([want] if want else []), (dtype, n)
 
 
 @pytest.mark.parametrize("layout", ["row", "col"])
@@ -154,21 +158,24 @@ def test_tuned_tables_pick_kernel_and_config(monkeypatch):
     ref = x.double() @ dequantize(codes).double().cuda().T
     monkeypatch.setitem(cuda_lut.TUNED, (64, 256, 2), {"warps": 1, "cb": 1})
     monkeypatch.setitem(cuda_mma.TUNED, (64, 256, 8), {"ksplit": 4})
+    monkeypatch.setitem(cuda_codebook.TUNED, (64, 256, 8), {"warps": 2, "cb": 1})
     assert cuda_lut.config(64, 256, 2) == {"warps": 1, "cb": 1}
     assert cuda_lut.config(64, 512, 2) == cuda_lut.CONFIG
-    for n, gemv in ((2, "lut"), (8, "mma")):
+    assert cuda_codebook.config(64, 256, 8) == {"warps": 2, "cb": 1}
+    assert cuda_codebook.config(64, 512, 8) == cuda_codebook.CONFIG
+    for n, gemv in ((2, "lut"), (8, "mma"), (8, "cb")):
         mod.gemv = gemv
         assert ((mod(x[:n]).double() - ref[:n]).norm() / ref[:n].norm()).item() < 4e-3, gemv
     monkeypatch.setitem(module.KERNEL_TABLE, (64, 256), ((2, "mma"), (8, "triton")))
     assert [module.kernel_for(64, 256, n) for n in (1, 2, 3, 8, 9, 17)] == \
-        ["mma", "mma", "triton", "triton", "mma", "triton"]
+        ["mma", "mma", "triton", "triton", "cb", "triton"]
     assert module.kernel_for(64, 512, 1) == "lut"
     calls = []
-    for name, mod_ in (("lut", cuda_lut), ("mma", cuda_mma)):
+    for name, mod_ in (("lut", cuda_lut), ("mma", cuda_mma), ("cb", cuda_codebook)):
         monkeypatch.setattr(mod_, "gemv", lambda x, *a, name=name: calls.append(name)
                             or torch.zeros(x.shape[0], 64, device="cuda", dtype=x.dtype))
     mod.gemv = "auto"
-    for n, want in ((1, ["mma"]), (4, []), (9, ["mma"])):
+    for n, want in ((1, ["mma"]), (4, []), (9, ["cb"])):
         calls.clear()
         mod(x[:n])
         assert calls == want, n

@@ -25,8 +25,15 @@ import torch
 from . import codebook, nvrtc
 
 MAX_TOKENS = 16
-CONFIG = {"warps": 4, "cb": 2}
-TUNED: dict[tuple, dict] = {}
+# Launch config: warps (row tiles) per block, quantization blocks per column chunk. CONFIG: the
+# fallback; TUNED per (rows, cols, tokens a launch: 8 or 16), as ``bench_kernel.py --tune cb``
+# prints it (H200, 2026-11-29: experiments/benchmarks/raw/kernel_codebook_2026-11-29.json).
+CONFIG = {"warps": 8, "cb": 4}
+TUNED: dict[tuple, dict] = {
+    (4096, 4096, 8): {"warps": 8, "cb": 2}, (4096, 4096, 16): {"warps": 8, "cb": 4},
+    (11008, 4096, 8): {"warps": 4, "cb": 8}, (11008, 4096, 16): {"warps": 8, "cb": 8},
+    (4096, 11008, 8): {"warps": 4, "cb": 8}, (4096, 11008, 16): {"warps": 8, "cb": 8},
+}
 
 SOURCE = r"""
 #define WPB (BS / 32)           // words per quantization block

@@ -1,9 +1,11 @@
 """``PackedLinear``: a drop-in ``nn.Linear`` replacement that computes from packed codes.
 
-On CUDA, fp16/bf16 inputs run one of three kernels, chosen per (layer shape, tokens) by
+On CUDA, fp16/bf16 inputs run one of four kernels, chosen per (layer shape, tokens) by
 :func:`kernel_for`: the NVRTC-compiled lookup-table GEMV of :mod:`hbllm.packed.cuda_lut` (up to
-4 tokens a launch), the tensor-core GEMV of :mod:`hbllm.packed.cuda_mma` (up to 16 tokens a
-launch) or :mod:`hbllm.packed.triton_kernels` (row layout: one fused ``tl.dot`` launch; col
+4 tokens a launch), the tensor-core codebook GEMV of :mod:`hbllm.packed.cuda_codebook` (fp16, up
+to 16 tokens a launch; its buffers are built at a layer's first call), the tensor-core GEMV of
+:mod:`hbllm.packed.cuda_mma` (bf16, up to 16 tokens a launch) or
+:mod:`hbllm.packed.triton_kernels` (row layout: one fused ``tl.dot`` launch; col
 layout: two ``tl.dot`` band launches plus torch glue), which also serves few tokens where NVRTC
 is missing. Elsewhere the plain torch band path of :mod:`hbllm.packed.runtime`. None keeps a
 full-precision copy of the weight; all read the tiled buffers of :func:`build_runtime`.
@@ -22,17 +24,18 @@ try:  # Triton exists only where CUDA does; the CPU path never needs it.
 except ImportError:  # pragma: no cover - depends on the machine
     triton_kernels = None
 
-GEMV_MAX_TOKENS = 4  # fallback rule: up to this many tokens the lookup-table GEMV (cuda_lut),
-MMA_MAX_TOKENS = 16  # up to this many the tensor-core GEMV (cuda_mma); then Triton
+GEMV_MAX_TOKENS = 1  # fallback rule: up to this many tokens the lookup-table GEMV (cuda_lut),
+MMA_MAX_TOKENS = 16  # up to this many a tensor-core GEMV (fp16: cuda_codebook, bf16: cuda_mma);
+# then Triton
 KERNELS = ("lut", "mma", "cb", "triton")
 # Measured choice per layer shape: (rows, cols) -> ((most tokens, kernel), ...) in increasing
 # token order, as ``scripts/bench_kernel.py`` prints it; token counts past the last entry, and
 # shapes not listed, follow the fallback rule above.
-# Measured on an H200 (tiled layout, 2026-11-29: experiments/benchmarks/raw/kernel_tiled_2026-11-29.json).
+# Measured on an H200 (2026-11-29: experiments/benchmarks/raw/kernel_codebook_2026-11-29.json).
 KERNEL_TABLE: dict[tuple, tuple] = {
-    (4096, 4096): ((4, "lut"), (16, "mma")),
-    (11008, 4096): ((4, "lut"), (16, "mma")),
-    (4096, 11008): ((16, "lut"),),
+    (4096, 4096): ((1, "lut"), (16, "cb")),
+    (11008, 4096): ((1, "lut"), (16, "cb")),
+    (4096, 11008): ((1, "lut"), (16, "cb")),
 }
 
 
@@ -43,7 +46,7 @@ def kernel_for(rows: int, cols: int, tokens: int) -> str:
             return kernel
     if tokens <= GEMV_MAX_TOKENS:
         return "lut"
-    return "mma" if tokens <= MMA_MAX_TOKENS else "triton"
+    return "cb" if tokens <= MMA_MAX_TOKENS else "triton"
 
 
 class PackedLinear(nn.Module):
@@ -97,8 +100,10 @@ class PackedLinear(nn.Module):
         n, sal_words = x.shape[0], rt["sal_wgrp"].numel()
         half = x.dtype in (torch.float16, torch.bfloat16)
         kernel = kernel_for(m["rows"], m["cols"], n) if self.gemv == "auto" else self.gemv
-        if kernel == "cb" and x.dtype == torch.float16 and cuda_codebook.available():
-            return cuda_codebook.gemv(x, rt, m, c, self._scratch)  # 16 tokens a launch
+        if kernel == "cb":  # fp16 only (a bf16 codebook would round the values): else cuda_mma
+            if x.dtype == torch.float16 and cuda_codebook.available():
+                return cuda_codebook.gemv(x, rt, m, c, self._scratch)  # 16 tokens a launch
+            kernel = "mma"
         if kernel == "lut" and half and n <= MMA_MAX_TOKENS and cuda_lut.available():
             return cuda_lut.gemv(x, rt, m, c, self._scratch)  # 4 tokens a launch
         if (kernel in ("lut", "mma") and half and n <= MMA_MAX_TOKENS and cuda_mma.available()
