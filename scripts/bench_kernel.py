@@ -1,16 +1,18 @@
 """Packed HBLLM linears vs fp16 cuBLAS on a CUDA GPU: correctness, latency, bandwidth, 7B decode.
 
-    PYTHONPATH=$PWD python3 scripts/bench_kernel.py [--tune [lut mma mm]] [--json F] [--skip-7b]
+    PYTHONPATH=$PWD python3 scripts/bench_kernel.py [--tune [lut mma cb mm]] [--json F] [--skip-7b]
 
 For each LLaMA-2-7B linear shape (out x in) a random Gaussian weight is quantized with HBLLM
 (row layout, random-activation Hessian) on the GPU and packed. Latencies are medians of CUDA-graph
 replays over enough copies of the layer to exceed twice the L2 cache; bandwidth counts the packed
 buffers (or the fp16 weight) plus input and output once, against the measured device-to-device
-copy bandwidth. Every packed kernel (lookup-table GEMV, tensor-core GEMV, Triton) is timed alone
+copy bandwidth. Every packed kernel (lookup-table GEMV, the two tensor-core GEMVs, Triton) is timed alone
 at 1/4/8/16 tokens beside cuBLAS fp16; the fastest per (shape, tokens) becomes
 ``module.KERNEL_TABLE`` for the "auto" timing and the 7B run, and is printed as a Python literal
 to record in hbllm/packed/module.py (``--tune``: the per-shape launch configs likewise, for
-``cuda_lut.TUNED`` / ``cuda_mma.TUNED``). The 7B-shaped model has random fp16 weights; its 224
+``cuda_lut.TUNED`` / ``cuda_mma.TUNED`` / ``cuda_codebook.TUNED``). "packed GB/s" counts the
+layer's registered (tiled) buffers; the codebook GEMV reads buffers of the same size. The
+7B-shaped model has random fp16 weights; its 224
 decoder linears are replaced by copies of the three packed layers; decode is timed as one CUDA
 graph per step (static cache) and with eager ``generate``.
 """
@@ -120,8 +122,9 @@ def set_kernel(mods, kernel: str) -> None:
 
 def tune(packs, l2: int, only=None) -> dict:
     """Per shape, the launch config of the lookup-table GEMV (1 and 4 tokens a launch) and of the
-    tensor-core GEMV (8 and 16 tokens) by graph time, written into ``cuda_lut.TUNED`` /
-    ``cuda_mma.TUNED``; ``mm``: the Triton tiles' config summed over the shapes at 16 tokens."""
+    tensor-core GEMVs (8 and 16 tokens) by graph time, written into ``cuda_lut.TUNED`` /
+    ``cuda_mma.TUNED`` / ``cuda_codebook.TUNED``; ``mm``: the Triton tiles' config summed over
+    the shapes at 16 tokens."""
     sweeps = {"lut": (cuda_lut.TUNED, (1, 4), [dict(warps=w, cb=cb) for w in (2, 4, 8, 16)
                                                   for cb in (1, 2, 4, 8)]),
               "mma": (cuda_mma.TUNED, (8, 16), [dict(ksplit=k) for k in (4, 8, 16)]),
@@ -352,7 +355,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tune", nargs="*", default=None, metavar="KERNEL",
                     help="sweep the kernels' launch configs before timing (all, or those named: "
-                         "lut mma mm); lut and mma per shape")
+                         "lut mma cb mm); lut, mma and cb per shape")
     ap.add_argument("--skip-7b", action="store_true")
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args()
