@@ -12,9 +12,9 @@ at 1/4/8/16 tokens beside cuBLAS fp16; the fastest per (shape, tokens) becomes
 to record in hbllm/packed/module.py (``--tune``: the per-shape launch configs likewise, for
 ``cuda_lut.TUNED`` / ``cuda_mma.TUNED`` / ``cuda_codebook.TUNED``). "packed GB/s" counts the
 layer's registered (tiled) buffers; the codebook GEMV reads buffers of the same size. The
-7B-shaped model has random fp16 weights; its 224
-decoder linears are replaced by copies of the three packed layers; decode is timed as one CUDA
-graph per step (static cache) and with eager ``generate``.
+7B-shaped model has random fp16 weights; its 224 decoder linears are replaced by copies of the
+three packed layers; decode is timed as one CUDA graph per step (static cache) and with eager
+``generate``.
 """
 from __future__ import annotations
 
