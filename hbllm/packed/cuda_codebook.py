@@ -3,10 +3,11 @@ first use with NVRTC.
 
 Each coefficient is decoded straight to its fp16 value: the buffers of
 :mod:`hbllm.packed.codebook` hold, per lane and 32-column word, the 2-bit codes of the lane's
-A-fragment registers, and a register is ``__byte_perm(book_lo, book_hi, selector)`` of the row's
-8-byte codebook -- a shift, a mask and a multiply-add (``((w >> (p - 1)) & 0x0606) * 0x11 + 0x1010`` for codes
-at bit ``p``) and a byte permute for two coefficients. One ``mma.m16n8k16`` then multiplies 16 rows x 16 columns by up
-to 8 tokens, so the decode is shared by all tokens of a launch (two n-tiles for 9-16).
+A-fragment registers, and a register is a byte permute (``prmt``) of the row's 8-byte codebook
+whose selector costs a shift, a mask and a multiply-add of the stored word
+(``((w >> (p - 1)) & 0x0606) * 0x11 + 0x1010`` for codes at bit ``p``): four instructions for two
+coefficients. One ``mma.m16n8k16`` then multiplies 16 rows x 16 columns by up to 8 tokens, so the
+decode is shared by all tokens of a launch (two n-tiles for 9-16).
 
 Grid: (groups of ``warps`` row tiles, column chunks of ``cb`` quantization blocks), as the
 lookup-table GEMV: a block stages its chunk's inputs in shared memory in the order the B
@@ -26,8 +27,9 @@ from . import codebook, nvrtc
 
 MAX_TOKENS = 16
 # Launch config: warps (row tiles) per block, quantization blocks per column chunk. CONFIG: the
-# fallback; TUNED per (rows, cols, tokens a launch: 8 or 16), as ``bench_kernel.py --tune cb``
-# prints it (H200, 2026-11-29: experiments/benchmarks/raw/kernel_codebook_2026-11-29.json).
+# fallback (the most frequent winner of the sweep at 16 tokens); TUNED per (rows, cols, tokens a
+# launch: 8 or 16), as ``bench_kernel.py --tune cb`` prints it (H200, 2026-11-29:
+# experiments/benchmarks/raw/kernel_codebook_2026-11-29.json).
 CONFIG = {"warps": 8, "cb": 4}
 TUNED: dict[tuple, dict] = {
     (4096, 4096, 8): {"warps": 8, "cb": 2}, (4096, 4096, 16): {"warps": 8, "cb": 4},
@@ -299,9 +301,9 @@ def config(rows: int, cols: int, nt: int) -> dict:
 
 
 def buffers(rt: dict[str, torch.Tensor], meta: dict, scratch: dict) -> dict:
-    """Per layer and device (kept in ``scratch``): the codebook buffers, salient block starts,
-    a zeroed float32 workspace (MAX_TOKENS x rows) and tile counters (enough for one warp a
-    block)."""
+    """Per layer and device (kept in ``scratch``): the buffers of :func:`codebook.build`, a zeroed
+    float32 workspace (MAX_TOKENS x rows) and tile counters (one per row tile, enough for any
+    number of warps a block)."""
     key = ("codebook", str(rt["sal_first"].device))
     if key not in scratch:
         if torch.cuda.is_current_stream_capturing():
