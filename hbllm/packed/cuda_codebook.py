@@ -27,7 +27,7 @@ from . import codebook, nvrtc
 
 MAX_TOKENS = 16
 # Launch config: warps (row tiles) per block, quantization blocks per column chunk. CONFIG: the
-# fallback (the most frequent winner of the sweep at 16 tokens); TUNED per (rows, cols, tokens a
+# fallback (the sweep's winner at 4096x4096, 16 tokens); TUNED per (rows, cols, tokens a
 # launch: 8 or 16), as ``bench_kernel.py --tune cb`` prints it (H200, 2026-11-29:
 # experiments/benchmarks/raw/kernel_codebook_2026-11-29.json).
 CONFIG = {"warps": 8, "cb": 4}
