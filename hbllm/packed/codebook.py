@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import band_words, tile_slots, unpack_words
+from .runtime import band_rows, band_words, tile_slots, unpack_words
 
 FIELDS = (0, 2, 4, 6, 16, 18, 20, 22)  # bit of register j's even code; its odd code is 8 higher
 
@@ -87,7 +87,7 @@ def build(rt: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
     rows, nblk = meta["rows"], meta["cols"] // meta["blocksize"]
     out = {}
     for band in ("main", "sal"):
-        pair = band == "sal" or meta["layout"] == "col"
+        pair = band_rows(band, meta)
         sign, member, stats = band_words(rt, band, meta)
         codes = pack_codes(sign, member, rows, pair)  # (T, W, 32, 2)
         bk = _tile_rows(book(stats), rows, pair)  # (T, 32, G, 4)
