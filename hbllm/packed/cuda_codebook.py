@@ -285,13 +285,7 @@ def _kernel(row: bool, nt: int, bs: int, cb: int, device: int):
 @functools.cache
 def available() -> bool:
     """Whether the NVRTC kernel compiles here (CUDA, PyTorch >= 2.9, sm_80 or newer)."""
-    if not nvrtc.supported() or torch.cuda.get_device_capability()[0] < 8:
-        return False
-    try:
-        _kernel(True, 8, 128, CONFIG["cb"], torch.cuda.current_device())
-        return True
-    except Exception:  # no NVRTC, an old driver, ...: the other kernels stay in use
-        return False
+    return nvrtc.compiles(lambda: _kernel(True, 8, 128, CONFIG["cb"], torch.cuda.current_device()), 8)
 
 
 def config(rows: int, cols: int, nt: int) -> dict:

@@ -272,13 +272,8 @@ def variant(rt: dict[str, torch.Tensor], meta: dict, nt: int, bf16: bool, cb: in
 @functools.cache
 def available() -> bool:
     """Whether the NVRTC kernel compiles here (CUDA, PyTorch >= 2.9)."""
-    if not nvrtc.supported():
-        return False
-    try:
-        _kernel(True, 1, False, 128, CONFIG["cb"], 4, 2, 2, torch.cuda.current_device())
-        return True
-    except Exception:  # no NVRTC, an old driver, ...: the other kernels stay in use
-        return False
+    return nvrtc.compiles(lambda: _kernel(True, 1, False, 128, CONFIG["cb"], 4, 2, 2,
+                                          torch.cuda.current_device()))
 
 
 def config(rows: int, cols: int, nt: int) -> dict:

@@ -314,13 +314,7 @@ def macros(row: bool, nt: int, bf16: bool, bs: int, mv: int, msv: int, ssv: int)
 @functools.cache
 def available() -> bool:
     """Whether the NVRTC kernel compiles here (CUDA, PyTorch >= 2.9, sm_80 or newer)."""
-    if not nvrtc.supported() or torch.cuda.get_device_capability()[0] < 8:
-        return False
-    try:
-        _kernel(True, 1, False, 128, 4, 2, 2, torch.cuda.current_device())
-        return True
-    except Exception:  # no NVRTC, an old driver, ...: the Triton kernels stay in use
-        return False
+    return nvrtc.compiles(lambda: _kernel(True, 1, False, 128, 4, 2, 2, torch.cuda.current_device()), 8)
 
 
 def config(rows: int, cols: int, nt: int) -> dict:

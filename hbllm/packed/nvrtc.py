@@ -58,6 +58,19 @@ def supported() -> bool:
     return torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")
 
 
+def compiles(build, min_major: int = 0) -> bool:
+    """Whether CUDA, NVRTC (:func:`supported`) and compute capability ``min_major`` or newer are
+    there and ``build()`` compiles a kernel (no NVRTC, an old driver, ...: False, so the caller's
+    other kernels stay in use)."""
+    if not supported() or torch.cuda.get_device_capability()[0] < min_major:
+        return False
+    try:
+        build()
+        return True
+    except Exception:
+        return False
+
+
 def device_index(device: torch.device) -> int:
     return torch.cuda.current_device() if device.index is None else device.index
 
