@@ -129,6 +129,17 @@ def test_lut_gemv_chunks_and_workspace(monkeypatch, layout, blocksize, cols, cb)
         assert ((again - y.double()).norm() / y.double().norm()).item() < 1e-3, n
 
 
+def _assert_replays(graph, x, y, codes):
+    """Three replays of ``graph`` (captured as ``y = layer(x)``) on fresh inputs compute the
+    layer."""
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        ref = x.double() @ dequantize(codes).double().cuda().T
+        graph.replay()
+        torch.cuda.synchronize()
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3
+
+
 def test_lut_gemv_first_call_inside_graph_capture():
     """The workspace is made at a layer's first call without a host sync, so that call may be
     captured in a CUDA graph; replays compute the layer."""
@@ -141,12 +152,7 @@ def test_lut_gemv_first_call_inside_graph_capture():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = mod(x)
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        ref = x.double() @ dequantize(codes).double().cuda().T
-        graph.replay()
-        torch.cuda.synchronize()
-        assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3
+    _assert_replays(graph, x, y, codes)
 
 
 def test_tuned_tables_pick_kernel_and_config(monkeypatch):
@@ -217,9 +223,4 @@ def test_codebook_gemv_in_a_graph_after_a_first_call():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = mod(x)
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        ref = x.double() @ dequantize(codes).double().cuda().T
-        graph.replay()
-        torch.cuda.synchronize()
-        assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3
+    _assert_replays(graph, x, y, codes)
