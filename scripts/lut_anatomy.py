@@ -47,11 +47,30 @@ PATCHES = {
 }
 
 
-def patched(src: str, name: str) -> str:
-    for old, new in PATCHES[name]:
-        assert src.count(old) == 1, (name, old)
-        src = src.replace(old, new)
+def patched(src: str, variant: str, patches: dict = PATCHES) -> str:
+    """``src`` with the patches of each ``+``-joined name of ``variant`` applied, in order."""
+    for name in variant.split("+"):
+        for old, new in patches[name]:
+            assert src.count(old) == 1, (variant, old)
+            src = src.replace(old, new)
     return src
+
+
+def set_source(src: str) -> None:
+    """Compile the lookup-table GEMV from ``src`` from now on."""
+    cuda_lut.SOURCE = src
+    cuda_lut._kernel.cache_clear()
+
+
+def lut_layers(rows: int, cols: int, max_k: int, l2: int) -> list:
+    """Copies (over twice the L2) of a packed HBLLM-row (rows, cols) layer of synthetic codes with
+    up to ``max_k`` salient columns a block, on CUDA, forced to the lookup-table GEMV."""
+    codes = random_codes("row", rows, cols, max_k=max_k, seed=0)
+    packed, meta = pack_linear(codes), linear_meta(codes)
+    mods = copies(functools.partial(PackedLinear, packed, meta, device="cuda"), 8 << 20, l2)
+    for m in mods:
+        m.gemv = "lut"
+    return mods
 
 
 def main() -> None:
@@ -62,20 +81,14 @@ def main() -> None:
     original = cuda_lut.SOURCE
     out = []
     for rows, cols in SHAPES.values():
-        codes = random_codes("row", rows, cols, max_k=12, seed=0)
-        packed, meta = pack_linear(codes), linear_meta(codes)
-        mods = copies(functools.partial(PackedLinear, packed, meta, device="cuda"), 8 << 20, l2)
-        for m in mods:
-            m.gemv = "lut"
+        mods = lut_layers(rows, cols, 12, l2)
         for nt in (1, 4):
             x = torch.randn(nt, cols, device="cuda", dtype=torch.float16)
             row = {"shape": f"{rows}x{cols}", "tokens": nt, "config": cuda_lut.config(rows, cols, nt)}
             for name in PATCHES:
-                cuda_lut.SOURCE = patched(original, name)
-                cuda_lut._kernel.cache_clear()
+                set_source(patched(original, name))
                 row[name] = graph_time_us(mods, x)
-            cuda_lut.SOURCE = original
-            cuda_lut._kernel.cache_clear()
+            set_source(original)
             out.append(row)
             print(json.dumps(row), flush=True)
     if args.json:
