@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import band_rows, band_words, tile_slots, unpack_words
+from .runtime import band_rows, band_words, tile, unpack_words
 
 FIELDS = (0, 2, 4, 6, 16, 18, 20, 22)  # bit of register j's even code; its odd code is 8 higher
 
@@ -54,45 +54,31 @@ def _lane_maps(device):
     return slot, col
 
 
-def pack_codes(sign: torch.Tensor, member: torch.Tensor, rows: int, pair: bool) -> torch.Tensor:
+def pack_codes(sign: torch.Tensor, member: torch.Tensor, pair: bool) -> torch.Tensor:
     """Row-major band words (R, W) int32 -> codebook codes int32 (T, W, 32, 2)."""
-    dev = sign.device
     code = unpack_words(sign).long() | (unpack_words(member).long() << 1)  # (R, 32W)
-    slots = tile_slots(rows, pair, dev)
-    live = slots >= 0
-    full = torch.zeros(slots.numel(), code.shape[1], dtype=torch.long, device=dev)
-    full[live] = code[slots[live]]
-    tiles, words = slots.numel() // 32, code.shape[1] // 32
-    c = full.view(tiles, 32, words, 32).permute(0, 2, 1, 3)  # (T, W, slot, col)
-    slot, col = _lane_maps(dev)
+    c = tile(code, pair, 32)  # (T, W, slot, col), zero codes in padding slots
+    slot, col = _lane_maps(code.device)
     even = c[:, :, slot, col[:, None, :]]  # (T, W, 32, 2, 8)
     odd = c[:, :, slot, col[:, None, :] + 1]
-    p = torch.tensor(FIELDS, device=dev)
+    p = torch.tensor(FIELDS, device=code.device)
     word = ((even << p) | (odd << (p + 8))).sum(-1)  # disjoint fields: sum = or
     return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
-
-
-def _tile_rows(a: torch.Tensor, rows: int, pair: bool) -> torch.Tensor:
-    """(R, ...) -> (T, 32, ...) in slot order, zeros in padding slots."""
-    slots = tile_slots(rows, pair, a.device)
-    live = slots >= 0
-    out = a.new_zeros((slots.numel(),) + tuple(a.shape[1:]))
-    out[live] = a[slots[live]]
-    return out.view(slots.numel() // 32, 32, *a.shape[1:])
 
 
 def build(rt: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
     """Codebook buffers (module docstring) from the runtime buffers of
     :func:`hbllm.packed.runtime.build_runtime`, on their device."""
-    rows, nblk = meta["rows"], meta["cols"] // meta["blocksize"]
+    nblk = meta["cols"] // meta["blocksize"]
     out = {}
     for band in ("main", "sal"):
         pair = band_rows(band, meta)
         sign, member, stats = band_words(rt, band, meta)
-        codes = pack_codes(sign, member, rows, pair)  # (T, W, 32, 2)
-        bk = _tile_rows(book(stats), rows, pair)  # (T, 32, G, 4)
+        codes = pack_codes(sign, member, pair)  # (T, W, 32, 2)
+        gpb = stats.shape[1] // nblk  # groups (codebooks) per block
+        bk = tile(book(stats), pair, gpb)  # (T, NB, 32, gpb, 4)
         tiles = bk.shape[0]
-        bk = bk.view(tiles, 32, nblk, -1).transpose(1, 2).contiguous()  # (T, NB, 32, 4 G/NB)
+        bk = bk.reshape(tiles, nblk, 32, 4 * gpb)
         if band == "main":
             w = codes.shape[1]
             codes = codes.view(tiles, w // 2, 2, 32, 2).transpose(2, 3).reshape(tiles, w // 2, 32, 4)
