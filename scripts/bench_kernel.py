@@ -128,8 +128,9 @@ def tune(packs, l2: int, only=None) -> dict:
     sweeps = {"lut": (cuda_lut.TUNED, (1, 4), [dict(warps=w, cb=cb) for w in (2, 4, 8, 16)
                                                   for cb in (1, 2, 4, 8)]),
               "mma": (cuda_mma.TUNED, (8, 16), [dict(ksplit=k) for k in (4, 8, 16)]),
-              "cb": (cuda_codebook.TUNED, (8, 16), [dict(warps=w, cb=cb) for w in (2, 4, 8)
-                                                    for cb in (1, 2, 4, 8)])}
+              "cb": (cuda_codebook.TUNED, cuda_codebook.BUCKETS,
+                     [dict(warps=w, cb=cb, st=st) for w in (4, 8) for cb in (2, 4, 8)
+                      for st in (2, 4, 6)])}
     chosen = {}
     for label, (packed, meta) in packs.items():
         rows, cols = meta["rows"], meta["cols"]

@@ -164,10 +164,11 @@ def test_tuned_tables_pick_kernel_and_config(monkeypatch):
     ref = x.double() @ dequantize(codes).double().cuda().T
     monkeypatch.setitem(cuda_lut.TUNED, (64, 256, 2), {"warps": 1, "cb": 1})
     monkeypatch.setitem(cuda_mma.TUNED, (64, 256, 8), {"ksplit": 4})
-    monkeypatch.setitem(cuda_codebook.TUNED, (64, 256, 8), {"warps": 2, "cb": 1})
+    monkeypatch.setitem(cuda_codebook.TUNED, (64, 256, 8), {"warps": 2, "cb": 1, "st": 2})
     assert cuda_lut.config(64, 256, 2) == {"warps": 1, "cb": 1}
     assert cuda_lut.config(64, 512, 2) == cuda_lut.CONFIG
-    assert cuda_codebook.config(64, 256, 8) == {"warps": 2, "cb": 1}
+    assert cuda_codebook.config(64, 256, 5) == {"warps": 2, "cb": 1, "st": 2}  # bucket of 5: 8
+    assert cuda_codebook.config(64, 256, 4) == cuda_codebook.CONFIG
     assert cuda_codebook.config(64, 512, 8) == cuda_codebook.CONFIG
     for n, gemv in ((2, "lut"), (8, "mma"), (8, "cb")):
         mod.gemv = gemv
@@ -189,13 +190,16 @@ def test_tuned_tables_pick_kernel_and_config(monkeypatch):
 
 @pytest.mark.parametrize("layout", ["row", "col"])
 @pytest.mark.parametrize("blocksize,cols", [(128, 384), (64, 320), (128, 11008)])
-@pytest.mark.parametrize("cb", [1, 2, 4])
-def test_codebook_gemv_chunks_and_workspace(monkeypatch, layout, blocksize, cols, cb):
+@pytest.mark.parametrize("cb,st", [(1, 4), (2, 2), (4, 3), (4, 6)])
+def test_codebook_gemv_chunks_and_workspace(monkeypatch, layout, blocksize, cols, cb, st):
     """The tensor-core codebook GEMV: column chunks of ``cb`` blocks (a partial last chunk when
-    cb does not divide the blocks), blocksize 64, 70 rows (a partial tile), 1-17 tokens (one and
-    two n-tiles, two launches), blocks with up to blocksize/32 salient words; calling again gives
-    the same output (the workspace and counters are reset by the last block of a tile)."""
+    cb does not divide the blocks), rings of ``st`` stages (more than a chunk's blocks, fewer,
+    not a power of two), blocksize 64, 70 rows (a partial tile), 1-17 tokens (one and two
+    n-tiles, two launches), blocks with up to blocksize/32 salient words (past the two a stage
+    holds); calling again gives the same output (the workspace and counters are reset by the
+    last block of a tile)."""
     monkeypatch.setitem(cuda_codebook.CONFIG, "cb", cb)
+    monkeypatch.setitem(cuda_codebook.CONFIG, "st", st)
     codes = random_codes(layout, 70, cols, blocksize=blocksize, seed=cols + cb, max_k=blocksize - 1)
     mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
     mod.gemv = "cb"

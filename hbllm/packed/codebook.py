@@ -12,13 +12,16 @@ eight fp16 pairs of its A fragments with a few integer instructions and one byte
   (tile B). Register ``j = 4 tau + 2 r + h`` (k16 step ``tau``, k half ``r``, row ``g + 8h``)
   covers columns ``16 tau + 8 r + 2q`` (even) and the next (odd); their codes sit at bits
   ``P_j, P_j + 1`` and ``P_j + 8, P_j + 9`` with ``P = FIELDS``;
+* the codebook is stored as bytes (:func:`byte_planes`): the four values' high bytes, then their
+  low bytes, so that value ``c`` is bytes ``c + 4`` (low) and ``c`` (high);
 * :func:`selector` turns such a word into the byte-permute selector that picks the even and odd
   fp16 values out of the two codebook registers (``__byte_perm(book_lo, book_hi, sel)``).
 
 Buffers (:func:`build`), tiled like the runtime's (a warp's load is consecutive memory):
 ``cb_main`` int32 (T, W/2, 32, 4) -- words ``2i, 2i + 1`` of a lane as ``(A, B, A, B)``;
-``cb_sal`` int32 (T, W_sal, 32, 2); ``book_main`` fp16 (T, blocks, 32, 4 * groups per block);
-``book_sal`` fp16 (T, blocks, 32, 4). fp16 inputs only (a bf16 codebook would round the values).
+``cb_sal`` int32 (T, W_sal, 32, 2); ``book_main`` (T, blocks, 32, 4 * groups per block) and
+``book_sal`` (T, blocks, 32, 4): codebooks in :func:`byte_planes` order, typed fp16. fp16 inputs
+only (a bf16 codebook would round the values).
 """
 from __future__ import annotations
 
@@ -30,10 +33,19 @@ FIELDS = (0, 2, 4, 6, 16, 18, 20, 22)  # bit of register j's even code; its odd 
 
 
 def selector(word: torch.Tensor, p: int) -> torch.Tensor:
-    """Byte-permute selector of the register whose codes sit at bits ``p`` and ``p + 8``:
-    nibbles ``2c, 2c + 1`` (even column) and ``2c', 2c' + 1`` (odd), i.e. the bytes of half
-    ``c`` of the 8-byte codebook. int64 in, int64 out (the kernel's integer arithmetic)."""
-    return ((word >> p) & 0x0303) * 0x22 + 0x1010
+    """Byte-permute selector of the register whose codes ``c`` (even column) and ``c'`` (odd)
+    sit at bits ``p, p + 1`` and ``p + 8, p + 9`` of a 32-bit word: nibbles ``c + 4, c, c' + 4,
+    c'`` (the low and high bytes of codebook values c and c', :func:`byte_planes`), i.e.
+    ``m * 0x11 + 0x0404`` with ``m = (word >> p) & 0x0303``. Computed the kernel's way, a mask
+    and one multiply-high-add: the high word of ``(w & (0x0303 << q)) * (0x11 << (32 - q))``
+    plus 0x0404, with ``q = p`` (p >= 5) or ``q = p + 4`` on ``w = word << 4`` (p = 2, 4);
+    p = 0 multiplies and adds directly. int64 in (0 .. 2**32 - 1), int64 out."""
+    if p == 0:
+        return (word & 0x0303) * 0x11 + 0x0404
+    w, q = ((word << 4) & 0xFFFFFFFF, p + 4) if p < 5 else (word, p)
+    mult = 0x11 << (32 - q)
+    assert mult < 2**32
+    return (((w & (0x0303 << q)) * mult) >> 32) + 0x0404
 
 
 def book(stats: torch.Tensor) -> torch.Tensor:
@@ -41,6 +53,13 @@ def book(stats: torch.Tensor) -> torch.Tensor:
     m1+a1]`` (computed in float32, rounded once)."""
     m0, a0, m1, a1 = stats.float().unbind(-1)
     return torch.stack([m0 - a0, m0 + a0, m1 - a1, m1 + a1], -1).to(torch.float16)
+
+
+def byte_planes(values: torch.Tensor) -> torch.Tensor:
+    """fp16 codebooks (..., 4) -> the kernel's byte order, as fp16 (..., 4): bytes ``[hi0, hi1,
+    hi2, hi3, lo0, lo1, lo2, lo3]`` of the four values."""
+    b = values.contiguous().view(torch.uint8).unflatten(-1, (4, 2))  # (..., value, [lo, hi])
+    return torch.cat([b[..., 1], b[..., 0]], -1).contiguous().view(torch.float16)
 
 
 def _lane_maps(device):
@@ -76,7 +95,7 @@ def build(rt: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
         sign, member, stats = band_words(rt, band, meta)
         codes = pack_codes(sign, member, pair)  # (T, W, 32, 2)
         gpb = stats.shape[1] // nblk  # groups (codebooks) per block
-        bk = tile(book(stats), pair, gpb)  # (T, NB, 32, gpb, 4)
+        bk = tile(byte_planes(book(stats)), pair, gpb)  # (T, NB, 32, gpb, 4)
         tiles = bk.shape[0]
         bk = bk.reshape(tiles, nblk, 32, 4 * gpb)
         if band == "main":

@@ -4,10 +4,10 @@ first use with NVRTC.
 Each coefficient is decoded straight to its fp16 value: the buffers of
 :mod:`hbllm.packed.codebook` hold, per lane and 32-column word, the 2-bit codes of the lane's
 A-fragment registers, and a register is a byte permute (``prmt``) of the row's 8-byte codebook
-whose selector costs a shift, a mask and a multiply-add of the stored word
-(``((w >> (p - 1)) & 0x0606) * 0x11 + 0x1010`` for codes at bit ``p``): four instructions for two
-coefficients. One ``mma.m16n8k16`` then multiplies 16 rows x 16 columns by up to 8 tokens, so the
-decode is shared by all tokens of a launch (two n-tiles for 9-16).
+whose selector is a mask and a multiply-high-add of the stored word (:func:`codebook.selector`):
+three instructions for two coefficients (plus one shift a word). One ``mma.m16n8k16`` then
+multiplies 16 rows x 16 columns by up to 8 tokens, so the decode is shared by all tokens of a
+launch (two n-tiles for 9-16).
 
 Grid: (groups of ``warps`` row tiles, column chunks of ``cb`` quantization blocks), as the
 lookup-table GEMV: a block stages its chunk's inputs in shared memory in the order the B
@@ -26,15 +26,19 @@ import torch
 from . import codebook, nvrtc
 
 MAX_TOKENS = 16
-# Launch config: warps (row tiles) per block, quantization blocks per column chunk. CONFIG: the
-# fallback (the sweep's winner at 4096x4096, 16 tokens); TUNED per (rows, cols, tokens a
-# launch: 8 or 16), as ``bench_kernel.py --tune cb`` prints it (H200, 2026-11-29:
-# experiments/benchmarks/raw/kernel_codebook_2026-11-29.json).
-CONFIG = {"warps": 8, "cb": 4}
+# Launch config: warps (row tiles) per block, quantization blocks per column chunk, stages of a
+# warp's cp.async ring. CONFIG: the fallback; TUNED per (rows, cols, token bucket: 1, 4, 8 or 16,
+# the smallest that holds the call's tokens), as ``bench_kernel.py --tune cb`` prints it (H200,
+# 2026-11-29: experiments/benchmarks/raw/kernel_cb_epilogue_2026-11-29.json).
+CONFIG = {"warps": 8, "cb": 4, "st": 2}
+BUCKETS = (1, 4, 8, 16)
 TUNED: dict[tuple, dict] = {
-    (4096, 4096, 8): {"warps": 8, "cb": 2}, (4096, 4096, 16): {"warps": 8, "cb": 4},
-    (11008, 4096, 8): {"warps": 4, "cb": 8}, (11008, 4096, 16): {"warps": 8, "cb": 8},
-    (4096, 11008, 8): {"warps": 4, "cb": 8}, (4096, 11008, 16): {"warps": 8, "cb": 8},
+    (4096, 4096, 1): {"warps": 8, "cb": 2, "st": 2}, (4096, 4096, 4): {"warps": 8, "cb": 2, "st": 2},
+    (4096, 4096, 8): {"warps": 8, "cb": 2, "st": 2}, (4096, 4096, 16): {"warps": 8, "cb": 4, "st": 2},
+    (11008, 4096, 1): {"warps": 8, "cb": 4, "st": 2}, (11008, 4096, 4): {"warps": 8, "cb": 4, "st": 2},
+    (11008, 4096, 8): {"warps": 8, "cb": 4, "st": 2}, (11008, 4096, 16): {"warps": 8, "cb": 4, "st": 2},
+    (4096, 11008, 1): {"warps": 8, "cb": 4, "st": 2}, (4096, 11008, 4): {"warps": 8, "cb": 4, "st": 2},
+    (4096, 11008, 8): {"warps": 8, "cb": 4, "st": 2}, (4096, 11008, 16): {"warps": 8, "cb": 4, "st": 2},
 }
 
 SOURCE = r"""
@@ -51,11 +55,21 @@ __device__ __forceinline__ void mma(float* d, const unsigned* a, unsigned b0, un
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-// selector of the register whose codes sit at bits P, P + 1 (even column) and P + 8, P + 9 (odd):
-// nibbles 2c, 2c + 1, 2c', 2c' + 1 (the bytes of codebook halves c, c')
-template <int P> __device__ __forceinline__ unsigned sel(unsigned w) {
-  if constexpr (P == 0) return (w & 0x0303u) * 0x22u + 0x1010u;
-  else return ((w >> (P - 1)) & 0x0606u) * 0x11u + 0x1010u;
+// selector of the register whose codes c (even column), c' (odd) sit at bits P, P + 1 and P + 8,
+// P + 9 of w: nibbles c + 4, c, c' + 4, c' (low and high bytes of codebook values c, c': the
+// codebook holds the values' high bytes, then their low bytes), i.e. m * 0x11 + 0x0404 for
+// m = (w >> P) & 0x0303: for P >= 5 the high word of (w & (0x0303 << P)) * (0x11 << (32 - P)),
+// plus 0x0404 (a mask and a multiply-high-add); P = 2, 4 read w4 = w << 4 at P + 4
+// (codebook.selector emulates this)
+__device__ __forceinline__ unsigned madhi(unsigned a, unsigned b, unsigned c) {
+  unsigned r;
+  asm("mad.hi.u32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+template <int P> __device__ __forceinline__ unsigned sel(unsigned w, unsigned w4) {
+  if constexpr (P == 0) return (w & 0x0303u) * 0x11u + 0x0404u;
+  else if constexpr (P < 5) return madhi(w4 & (0x0303u << (P + 4)), 0x11u << (28 - P), 0x0404u);
+  else return madhi(w & (0x0303u << P), 0x11u << (32 - P), 0x0404u);
 }
 // bytes of (hi:lo) picked by the selector's nibbles (all below 8: no sign replication)
 __device__ __forceinline__ unsigned perm(uint2 b, unsigned s) {
@@ -85,15 +99,16 @@ __device__ __forceinline__ void word(float (*acc)[NTILE][4], unsigned wa, unsign
   for (int v = 0; v < 2; ++v) {
     const unsigned w = v ? wb : wa;
     const uint2 b0 = bk[2 * v], b1 = bk[2 * v + 1];  // rows g, g + 8 of the tile
+    const unsigned w4 = w << 4;
     unsigned a[2][4];
-    a[0][0] = perm(b0, sel<0>(w));
-    a[0][1] = perm(b1, sel<2>(w));
-    a[0][2] = perm(b0, sel<4>(w));
-    a[0][3] = perm(b1, sel<6>(w));
-    a[1][0] = perm(b0, sel<16>(w));
-    a[1][1] = perm(b1, sel<18>(w));
-    a[1][2] = perm(b0, sel<20>(w));
-    a[1][3] = perm(b1, sel<22>(w));
+    a[0][0] = perm(b0, sel<0>(w, w4));
+    a[0][1] = perm(b1, sel<2>(w, w4));
+    a[0][2] = perm(b0, sel<4>(w, w4));
+    a[0][3] = perm(b1, sel<6>(w, w4));
+    a[1][0] = perm(b0, sel<16>(w, w4));
+    a[1][1] = perm(b1, sel<18>(w, w4));
+    a[1][2] = perm(b0, sel<20>(w, w4));
+    a[1][3] = perm(b1, sel<22>(w, w4));
 #pragma unroll
     for (int h = 0; h < NTILE; ++h) {
       mma(acc[v][h], a[0], bz[h].x, bz[h].y);
@@ -101,17 +116,33 @@ __device__ __forceinline__ void word(float (*acc)[NTILE][4], unsigned wa, unsign
     }
   }
 }
-// what a lane reads for one quantization block
-struct Blk { uint4 c[WPB / 2]; uint2 bm[GPB]; uint2 bs; uint2 s1; int f0, f1; };
-extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
+// cp.async of 16 bytes (L2 only) or of 8 bytes (zeros where !on: nothing is read) global -> shared
+__device__ __forceinline__ void cp16(void* s, const void* g) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+               :: "r"((unsigned)__cvta_generic_to_shared(s)), "l"(g) : "memory");
+}
+__device__ __forceinline__ void cp8(void* s, const void* g, bool on) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;"
+               :: "r"((unsigned)__cvta_generic_to_shared(s)), "l"(g), "r"(on ? 8 : 0) : "memory");
+}
+__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int K> __device__ __forceinline__ void wait_groups() {
+  asm volatile("cp.async.wait_group %0;" :: "n"(K) : "memory");
+}
+#define NCP (WPB / 2)  // 16-byte pieces of a lane's main codes per quantization block
+#define PPS (NCP + 3)  // pieces a lane stages per block: codes, main codebooks, salient codebook and
+                       // first salient word, second salient word
+extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
     const int* __restrict__ sfirst, const uint4* __restrict__ cbm, const uint2* __restrict__ bkm,
     const uint2* __restrict__ cbs, const uint2* __restrict__ bks, float* __restrict__ ws,
     unsigned* __restrict__ cnt, int SMAX) {
   extern __shared__ float4 smem4[];
   const int ZSW = (SMAX | 1) * 32;                    // halves per token row of the salient inputs
-  u16* zm = reinterpret_cast<u16*>(smem4);            // [NT][ZW] main inputs of the chunk
+  uint4* ring = reinterpret_cast<uint4*>(smem4);      // [warps][ST][PPS][32] staged blocks
+  u16* zm = reinterpret_cast<u16*>(ring + (blockDim.x >> 5) * ST * PPS * 32);  // [NT][ZW] main inputs
   u16* zs = zm + NT * ZW;                             // [NT][ZSW] salient inputs of the chunk
   float* fin = reinterpret_cast<float*>(zs + NT * ZSW);  // [warps][32 rows][NT8] outputs
+  int* sf = reinterpret_cast<int*>(fin + (blockDim.x >> 5) * 32 * NT8);  // [CB + 1] salient words
   const float c = (float)cd;
   const int T = (R + 31) / 32, W = C >> 5;
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
@@ -119,28 +150,46 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   const int t = min(tw, T - 1);  // warps past the last tile compute it again, store nothing
   const int cb0 = blockIdx.y * CB, ncb = min(CB, NB - cb0);
   const int sw0 = sfirst[cb0], nsw = sfirst[cb0 + ncb] - sw0;
-  auto load = [&](Blk& k, int a) {
+  // a lane stages its own pieces of a block and reads only those back: cp.async.wait_group is
+  // all the ordering it needs. Stage s of this lane: piece p at rw[(s * PPS + p) * 32].
+  uint4* rw = ring + wid * ST * PPS * 32 + lane;
+  auto stage_main = [&](int s, int a) {  // codes, main and salient codebooks of block a
+    uint4* d = rw + s * PPS * 32;
 #pragma unroll
-    for (int i = 0; i < WPB / 2; ++i) k.c[i] = cbm[((size_t)t * (W / 2) + a * (WPB / 2) + i) * 32 + lane];
-#pragma unroll
-    for (int j = 0; j < GPB; ++j) k.bm[j] = bkm[(((size_t)t * NB + a) * 32 + lane) * GPB + j];
-    k.bs = bks[((size_t)t * NB + a) * 32 + lane];
-    k.f0 = sfirst[a];
-    k.f1 = sfirst[a + 1];
-    k.s1 = k.f0 < k.f1 ? cbs[((size_t)t * SW + k.f0) * 32 + lane] : make_uint2(0u, 0u);
+    for (int i = 0; i < NCP; ++i) cp16(d + i * 32, cbm + ((size_t)t * (W / 2) + a * NCP + i) * 32 + lane);
+#if GPB == 2
+    cp16(d + NCP * 32, bkm + (((size_t)t * NB + a) * 32 + lane) * 2);
+#else
+    cp8(d + NCP * 32, bkm + ((size_t)t * NB + a) * 32 + lane, true);
+#endif
+    cp8(d + (NCP + 1) * 32, bks + ((size_t)t * NB + a) * 32 + lane, true);
   };
-  Blk cur, nxt;
-  load(cur, cb0);  // in flight while the inputs are staged
-  // inputs -> shared memory in B-fragment order (fp16; row layout: c (x_even +- x_odd)): 8 columns
-  // (16 bytes) an item, SU items of a thread loaded before any is stored
+  auto stage_sal = [&](int s, int a) {  // the block's first two salient words, zeros past its last
+    uint4* d = rw + s * PPS * 32;
+    const int f0 = sf[a - cb0], f1 = sf[a - cb0 + 1];
+    const uint2* w0 = cbs + ((size_t)t * SW + min(f0, max(SW - 1, 0))) * 32 + lane;
+    const uint2* w1 = cbs + ((size_t)t * SW + min(f0 + 1, max(SW - 1, 0))) * 32 + lane;
+    cp8(reinterpret_cast<uint2*>(d + (NCP + 1) * 32) + 1, w0, f0 < f1);
+    cp8(d + (NCP + 2) * 32, w1, f0 + 1 < f1);
+  };
+  // blocks 0 .. ST-2 in flight while the inputs are staged (their salient words need sf: after)
+#pragma unroll
+  for (int s = 0; s < ST - 1; ++s)
+    if (s < ncb) stage_main(s, cb0 + s);
+  commit();
+  // inputs -> shared memory in B-fragment order, with every global load of a round in flight at
+  // once. Main inputs (fp16; row layout: c (x_even +- x_odd)): an item is 8 columns (16 bytes) of a
+  // token, SU items a thread a round. Salient inputs: a thread takes slot j of the chunk's salient
+  // words for all tokens (its column index loaded once, during the first main round).
   const int per = ncb * BS / 8, items = N * per;
-  for (int base = threadIdx.x; base < items; base += SU * blockDim.x) {
-    uint4 v[SU];
+  auto fetch = [&](int base, uint4* v) {
 #pragma unroll
     for (int u = 0; u < SU; ++u) {
       const int it = base + u * blockDim.x, n = it / per;
       if (it < items) v[u] = *reinterpret_cast<const uint4*>(x + (size_t)n * C + cb0 * BS + (it - n * per) * 8);
     }
+  };
+  auto put = [&](int base, const uint4* v) {
 #pragma unroll
     for (int u = 0; u < SU; ++u) {
       const int it = base + u * blockDim.x, n = it / per, j0 = (it - n * per) * 8;
@@ -167,24 +216,29 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
 #endif
       }
     }
-  }
-  const int sitems = N * nsw * 32;
-  for (int base = threadIdx.x; base < sitems; base += SU * blockDim.x) {
-    u16 h[SU];
-#pragma unroll
-    for (int u = 0; u < SU; ++u) {
-      const int it = base + u * blockDim.x, n = it / (nsw * 32), j = it - n * (nsw * 32);
-      const int col = it < sitems ? sc[sw0 * 32 + j] : -1;
-      h[u] = col >= 0 ? x[(size_t)n * C + col] : (u16)0;
+  };
+  {
+    uint4 v[SU];
+    fetch(threadIdx.x, v);
+    const int slots = nsw * 32;
+    int col = threadIdx.x < slots ? sc[sw0 * 32 + threadIdx.x] : -1;
+    put(threadIdx.x, v);
+    for (int base = threadIdx.x + SU * blockDim.x; base < items; base += SU * blockDim.x) {
+      fetch(base, v);
+      put(base, v);
     }
+    for (int j = threadIdx.x; j < slots; j += blockDim.x) {
+      if (j != threadIdx.x) col = sc[sw0 * 32 + j];
+      u16 h[NT];
 #pragma unroll
-    for (int u = 0; u < SU; ++u) {
-      const int it = base + u * blockDim.x, n = it / (nsw * 32), j = it - n * (nsw * 32);
-      if (it < sitems) zs[n * ZSW + (j & ~31) + zpos(j & 31)] = h[u];
+      for (int n = 0; n < NT; ++n) h[n] = n < N && col >= 0 ? x[(size_t)n * C + col] : (u16)0;
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+        if (n < N) zs[n * ZSW + (j & ~31) + zpos(j & 31)] = h[n];
     }
   }
+  if (threadIdx.x <= ncb) sf[threadIdx.x] = sfirst[cb0 + threadIdx.x];
   float* fw = fin + wid * 32 * NT8;
-  for (int i = lane; i < 32 * NT8; i += 32) fw[i] = 0.f;
   __syncthreads();
   float am[2][NTILE][4], as[2][NTILE][4];  // [MMA tile][n-tile][fragment], main and salient
 #pragma unroll
@@ -197,28 +251,43 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   int zo[NTILE];
 #pragma unroll
   for (int h = 0; h < NTILE; ++h) zo[h] = min(8 * h + g, N - 1);
+#pragma unroll
+  for (int s = 0; s < ST - 1; ++s)
+    if (s < ncb) stage_sal(s, cb0 + s);
+  commit();
 #pragma unroll 1
   for (int b = 0; b < ncb; ++b) {
-    load(nxt, cb0 + min(b + 1, ncb - 1));  // (no branch: the loads issue before the work)
+    // groups committed after block b's: blocks b + 1 .. b + ST - 2 (from b = 1 on; block 0 waits
+    // for every prologue group)
+    if (b == 0) wait_groups<0>(); else wait_groups<ST - 2>();
+    if (b + ST - 1 < ncb) {  // into the stage block b - 1 used
+      stage_main((b + ST - 1) % ST, cb0 + b + ST - 1);
+      stage_sal((b + ST - 1) % ST, cb0 + b + ST - 1);
+    }
+    commit();
+    const uint4* d = rw + (b % ST) * PPS * 32;
+    const uint4 bm = d[NCP * 32], sb = d[(NCP + 1) * 32], s2 = d[(NCP + 2) * 32];
 #pragma unroll
     for (int j = 0; j < GPB; ++j) {
       uint2 bk[4];
-      books(cur.bm[j], g, bk);
+      books(j ? make_uint2(bm.z, bm.w) : make_uint2(bm.x, bm.y), g, bk);
 #pragma unroll
       for (int i = j * WPGR; i < (j + 1) * WPGR; ++i) {
         uint4 bz[NTILE];
 #pragma unroll
         for (int h = 0; h < NTILE; ++h)
           bz[h] = *reinterpret_cast<const uint4*>(zm + zo[h] * ZW + (b * WPB + i) * 32 + q * 8);
-        const uint4 cw = cur.c[i / 2];
+        const uint4 cw = d[(i / 2) * 32];
         word(am, i % 2 ? cw.z : cw.x, i % 2 ? cw.w : cw.y, bz, bk);
       }
     }
-    if (cur.f0 < cur.f1) {
+    const int f0 = sf[b], f1 = sf[b + 1];
+    if (f0 < f1) {
       uint2 bk[4];
-      books(cur.bs, g, bk);
-      for (int w = cur.f0; w < cur.f1; ++w) {
-        const uint2 cw = w == cur.f0 ? cur.s1 : cbs[((size_t)t * SW + w) * 32 + lane];
+      books(make_uint2(sb.x, sb.y), g, bk);
+      for (int w = f0; w < f1; ++w) {
+        const uint2 cw = w == f0 ? make_uint2(sb.z, sb.w)
+                       : w == f0 + 1 ? make_uint2(s2.x, s2.y) : cbs[((size_t)t * SW + w) * 32 + lane];
         uint4 bz[NTILE];
 #pragma unroll
         for (int h = 0; h < NTILE; ++h)
@@ -226,11 +295,11 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
         word(as, cw.x, cw.y, bz, bk);
       }
     }
-    cur = nxt;
   }
   // fragments -> the warp's 32 output rows: element j of n-tile h is row g + 8 (j >> 1) of the
   // MMA tile, token 8h + 2q + (j & 1); salient (and col-layout main) tiles are the low (A) and
-  // high (B) rows of pairs g + 8 (j >> 1), output rows 2p, 2p + 1
+  // high (B) rows of pairs g + 8 (j >> 1), output rows 2p, 2p + 1. Plain stores: in each step a
+  // (row, token) has one writer (row layout: the main tiles' rows, then the salient pairs added).
 #pragma unroll
   for (int h = 0; h < NTILE; ++h)
 #pragma unroll
@@ -238,16 +307,29 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
       const int n = 8 * h + 2 * q + (j & 1), p = g + 8 * (j >> 1);
       if (n < N) {
 #if ROW
-        atomicAdd(fw + p * NT8 + n, am[0][h][j]);
-        atomicAdd(fw + (16 + p) * NT8 + n, am[1][h][j]);
-        const float lo = as[0][h][j], hi = as[1][h][j];
+        fw[p * NT8 + n] = am[0][h][j];
+        fw[(16 + p) * NT8 + n] = am[1][h][j];
 #else
         const float lo = am[0][h][j] + as[0][h][j], hi = am[1][h][j] + as[1][h][j];
+        fw[2 * p * NT8 + n] = c * (lo + hi);
+        fw[(2 * p + 1) * NT8 + n] = c * (lo - hi);
 #endif
-        atomicAdd(fw + 2 * p * NT8 + n, c * (lo + hi));
-        atomicAdd(fw + (2 * p + 1) * NT8 + n, c * (lo - hi));
       }
     }
+#if ROW
+  __syncwarp();
+#pragma unroll
+  for (int h = 0; h < NTILE; ++h)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int n = 8 * h + 2 * q + (j & 1), p = g + 8 * (j >> 1);
+      if (n < N) {
+        const float lo = as[0][h][j], hi = as[1][h][j];
+        fw[2 * p * NT8 + n] += c * (lo + hi);
+        fw[(2 * p + 1) * NT8 + n] += c * (lo - hi);
+      }
+    }
+#endif
   __syncwarp();
   const int row = 32 * tw + lane;
   const bool mine = tw < T && row < R;
@@ -271,27 +353,34 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
 """
 
 
-def macros(row: bool, nt: int, bs: int, cb: int) -> dict:
-    """Compile-time constants: layout, tokens a launch (8 or 16), blocksize, blocks per chunk."""
-    return dict(ROW=int(row), NT=nt, DT=0, BS=bs, CB=cb, SU=4)
+def macros(row: bool, nt: int, bs: int, cb: int, st: int) -> dict:
+    """Compile-time constants: layout, tokens a launch (8 or 16), blocksize, blocks per chunk,
+    stages of a warp's cp.async ring (blocks in flight + 1)."""
+    return dict(ROW=int(row), NT=nt, DT=0, BS=bs, CB=cb, SU=nt // 4, ST=st)
 
 
 @functools.cache
-def _kernel(row: bool, nt: int, bs: int, cb: int, device: int):
-    name = f"hbllm_cb_{'row' if row else 'col'}_{nt}_{bs}_{cb}"
-    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bs, cb))
+def _kernel(row: bool, nt: int, bs: int, cb: int, st: int, device: int):
+    name = f"hbllm_cb_{'row' if row else 'col'}_{nt}_{bs}_{cb}_{st}"
+    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bs, cb, st))
 
 
 @functools.cache
 def available() -> bool:
     """Whether the NVRTC kernel compiles here (CUDA, PyTorch >= 2.9, sm_80 or newer)."""
-    return nvrtc.compiles(lambda: _kernel(True, 8, 128, CONFIG["cb"], torch.cuda.current_device()), 8)
+    return nvrtc.compiles(lambda: _kernel(True, 8, 128, CONFIG["cb"], CONFIG["st"],
+                                           torch.cuda.current_device()), 8)
 
 
-def config(rows: int, cols: int, nt: int) -> dict:
-    """Launch config of a (rows, cols) layer at ``nt`` tokens a launch: :data:`TUNED`, else
-    :data:`CONFIG`."""
-    return TUNED.get((rows, cols, nt), CONFIG)
+def bucket(tokens: int) -> int:
+    """The token bucket (:data:`BUCKETS`) of a launch of 1-16 tokens."""
+    return next(b for b in BUCKETS if tokens <= b)
+
+
+def config(rows: int, cols: int, tokens: int) -> dict:
+    """Launch config of a (rows, cols) layer at ``tokens`` tokens a launch: :data:`TUNED` at its
+    bucket, else :data:`CONFIG`."""
+    return TUNED.get((rows, cols, bucket(tokens)), CONFIG)
 
 
 def buffers(rt: dict[str, torch.Tensor], meta: dict, scratch: dict) -> dict:
@@ -318,17 +407,21 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
     not overlap in time)."""
     n, cols = x.shape
     nt = 8 if n <= 8 else 16
-    cfg = config(meta["rows"], cols, nt)
-    warps, cb = cfg["warps"], cfg["cb"]
+    cfg = config(meta["rows"], cols, min(n, MAX_TOKENS))
+    warps, cb, st = cfg["warps"], cfg["cb"], cfg["st"]
+    if not 1 <= warps <= 8 or st < 2:
+        raise ValueError(f"codebook GEMV config {cfg}: warps must be 1-8 (the kernel is built for "
+                         "at most 256 threads a block) and st at least 2")
     bs, nb = meta["blocksize"], cols // meta["blocksize"]
     buf = buffers(rt, meta, scratch)
-    kernel = _kernel(meta["layout"] == "row", nt, bs, cb, nvrtc.device_index(x.device))
+    kernel = _kernel(meta["layout"] == "row", nt, bs, cb, st, nvrtc.device_index(x.device))
     tiles = (meta["rows"] + 31) // 32
     smax = min(cb * bs // 32, cb * scratch.get("block_sal_words", bs // 32))
     zw = ((cb * bs // 32) | 1) * 32
     zsw = (smax | 1) * 32
     ntile = 2 if nt > 8 else 1
-    smem = 2 * nt * (zw + zsw) + 4 * warps * 32 * 8 * ntile
+    ring = 16 * warps * st * (bs // 64 + 3) * 32
+    smem = ring + 2 * nt * (zw + zsw) + 4 * warps * 32 * 8 * ntile + 4 * (cb + 1)
     grid = ((tiles + warps - 1) // warps, (nb + cb - 1) // cb, 1)
     return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
                         extra=[rt["sal_first"], buf["cb_main"], buf["book_main"], buf["cb_sal"],

@@ -1,0 +1,96 @@
+"""Where the codebook GEMV's time goes: the kernel timed with parts of its work cut out.
+
+    PYTHONPATH=$PWD python3 scripts/cb_anatomy.py [--json F]
+
+Variants of ``hbllm.packed.cuda_codebook.SOURCE`` (patched text, same launch; the cut variants
+compute wrong outputs on purpose and only their time is used), ``+`` joins cuts:
+  full      the kernel as shipped
+  noloop    no block of the chunk is computed (launch, input staging, first loads, epilogue)
+  nodecode  a fragment register is its code word mixed with one codebook word (1 instruction
+            instead of a shift, a mask, a multiply-add and a byte permute)
+  nomma     the MMAs replaced by one add of two fragment registers
+  cached    every block after the first two reads one of the chunk's first two blocks again
+            (L1/L2 hits, no DRAM stream)
+  nostage   the chunk's main inputs are not staged (shared memory holds whatever it held)
+  nosplit   each chunk writes its partial output straight to y (no float32 workspace, fence,
+            counter or last-block pass)
+CUDA-graph medians over enough layer copies to exceed twice the L2 (as scripts/bench_kernel.py),
+HBLLM-row codes from tests/packed_synthetic.py (at most 12 salient columns a block), the three
+LLaMA-2-7B shapes, 1, 8 and 16 tokens, each shape's tuned launch config.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
+from bench_kernel import SHAPES, copies, graph_time_us  # noqa: E402
+from lut_anatomy import patched  # noqa: E402
+
+from hbllm.packed import cuda_codebook  # noqa: E402
+from hbllm.packed.format import linear_meta, pack_linear  # noqa: E402
+from hbllm.packed.module import PackedLinear  # noqa: E402
+from packed_synthetic import random_codes  # noqa: E402
+
+DECODE = "\n".join(f"    a[{k // 4}][{k % 4}] = perm(b{k % 2}, sel<{p}>(w, w4));"
+                   for k, p in enumerate((0, 2, 4, 6, 16, 18, 20, 22)))
+NEXT = "(b + ST - 1) % ST, cb0 + b + ST - 1);"
+PATCHES = {
+    "full": [],
+    "noloop": [("for (int b = 0; b < ncb; ++b) {", "for (int b = 0; b < 0 * ncb; ++b) {")],
+    "nodecode": [(DECODE, "\n".join(f"    a[{k // 4}][{k % 4}] = w ^ b{k % 2}.{'xy'[k // 4]};"
+                                    for k in range(8)))],
+    "nomma": [("      mma(acc[v][h], a[0], bz[h].x, bz[h].y);\n      mma(acc[v][h], a[1], bz[h].z, bz[h].w);",
+               "      acc[v][h][0] += __uint_as_float((a[0][0] ^ a[1][3]) & 0x3c003c00u);")],
+    "cached": [(f"stage_main({NEXT}", "stage_main((b + ST - 1) % ST, cb0 + ((b + ST - 1) & 1) * (ncb > 1));"),
+               (f"stage_sal({NEXT}", "stage_sal((b + ST - 1) % ST, cb0 + ((b + ST - 1) & 1) * (ncb > 1));")],
+    "nostage": [("items = N * per;", "items = 0 * N * per;")],
+    "nosplit": [("if (gridDim.y == 1) {", "if (true) {")],
+}
+
+
+def set_source(src: str) -> None:
+    """Compile the codebook GEMV from ``src`` from now on."""
+    cuda_codebook.SOURCE = src
+    cuda_codebook._kernel.cache_clear()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--variants", nargs="*", default=list(PATCHES))
+    args = ap.parse_args()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    original = cuda_codebook.SOURCE
+    out = []
+    for rows, cols in SHAPES.values():
+        codes = random_codes("row", rows, cols, max_k=12, seed=0)
+        mods = copies(functools.partial(PackedLinear, pack_linear(codes), linear_meta(codes),
+                                        device="cuda"), 8 << 20, l2)
+        for m in mods:
+            m.gemv = "cb"
+        for nt in (1, 8, 16):
+            x = torch.randn(nt, cols, device="cuda", dtype=torch.float16)
+            row = {"shape": f"{rows}x{cols}", "tokens": nt,
+                   "config": cuda_codebook.config(rows, cols, nt)}
+            for name in args.variants:
+                set_source(patched(original, name, PATCHES))
+                row[name] = graph_time_us(mods, x)
+            set_source(original)
+            out.append(row)
+            print(json.dumps(row), flush=True)
+        del mods
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": out}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
