@@ -218,7 +218,7 @@ def _emulate_codebook(cb: dict, rt: dict, meta: dict, band: str) -> torch.Tensor
     out = torch.zeros(tiles, 32, words, 32)
     for j, p in enumerate(codebook.FIELDS):
         tau, r, h = j // 4, (j // 2) % 2, j % 2
-        col = 16 * tau + 8 * r + 2 * q
+        col = 8 * q + 4 * tau + 2 * r  # lane q's B fragments: columns 8q .. 8q + 7 of the word
         for v in range(2):
             slot = g + 8 * h + 16 * v
             sel = codebook.selector(w[..., v], p)  # (T, W, 32)

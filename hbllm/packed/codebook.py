@@ -10,8 +10,9 @@ eight fp16 pairs of its A fragments with a few integer instructions and one byte
   rows: slots 0-15 ("A") and 16-31 ("B"); lane ``l = 4g + q`` holds rows ``g, g + 8`` of each;
 * per 32-column word, lane ``l`` gets two int32: ``A`` (rows g, g + 8 of tile A) and ``B``
   (tile B). Register ``j = 4 tau + 2 r + h`` (k16 step ``tau``, k half ``r``, row ``g + 8h``)
-  covers columns ``16 tau + 8 r + 2q`` (even) and the next (odd); their codes sit at bits
-  ``P_j, P_j + 1`` and ``P_j + 8, P_j + 9`` with ``P = FIELDS``;
+  covers columns ``8q + 4 tau + 2 r`` (even) and the next (odd), so that lane q's B fragments
+  of a word are its columns 8q .. 8q + 7 (inputs staged in plain column order); their codes sit
+  at bits ``P_j, P_j + 1`` and ``P_j + 8, P_j + 9`` with ``P = FIELDS``;
 * the codebook is stored as bytes (:func:`byte_planes`): the four values' high bytes, then their
   low bytes, so that value ``c`` is bytes ``c + 4`` (low) and ``c`` (high);
 * :func:`selector` turns such a word into the byte-permute selector that picks the even and odd
@@ -69,7 +70,7 @@ def _lane_maps(device):
     j = torch.arange(8, device=device)
     tau, r, h = j // 4, (j // 2) % 2, j % 2
     slot = (g[:, None, None] + 8 * h[None, None, :] + 16 * torch.arange(2, device=device)[None, :, None])
-    col = 16 * tau[None, :] + 8 * r[None, :] + 2 * q[:, None]
+    col = 8 * q[:, None] + 4 * tau[None, :] + 2 * r[None, :]
     return slot, col
 
 

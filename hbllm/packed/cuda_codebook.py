@@ -77,12 +77,6 @@ __device__ __forceinline__ unsigned perm(uint2 b, unsigned s) {
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(b.x), "r"(b.y), "r"(s));
   return r;
 }
-// position of column c (0..31) of a word in shared memory: lane q's B values of both k16 steps
-// (columns 16 tau + 8 r + 2q + e) are 8 consecutive halves
-__device__ __forceinline__ int zpos(int c) {
-  const int tau = c >> 4, i = c & 15;
-  return ((i >> 1) & 3) * 8 + tau * 4 + (i >> 3) * 2 + (i & 1);
-}
 // codebooks of the four rows of this lane (slots g, g + 8, g + 16, g + 24) from the lanes that
 // loaded them (lane l holds slot l's)
 __device__ __forceinline__ void books(uint2 own, int g, uint2* bk) {
@@ -177,42 +171,51 @@ extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
   for (int s = 0; s < ST - 1; ++s)
     if (s < ncb) stage_main(s, cb0 + s);
   commit();
-  // inputs -> shared memory in B-fragment order, with every global load of a round in flight at
-  // once. Main inputs (fp16; row layout: c (x_even +- x_odd)): an item is 8 columns (16 bytes) of a
-  // token, SU items a thread a round. Salient inputs: a thread takes slot j of the chunk's salient
-  // words for all tokens (its column index loaded once, during the first main round).
-  const int per = ncb * BS / 8, items = N * per;
+  // inputs -> shared memory in column order (lane q's B fragments of a word are its columns
+  // 8q .. 8q + 7, one 16-byte read), with every global load of a round in flight at once. Main
+  // inputs (fp16; row layout: c (x_even +- x_odd)): an item is 8 columns (16 bytes) of a token,
+  // PER items a token (those past a partial last chunk skipped), SU items a thread a round.
+  // Salient inputs: a thread takes slot j of the chunk's salient words for all tokens (its column
+  // index loaded once, during the first main round).
+  constexpr int PER = CB * BS / 8;
+  const int items = N * PER, live = ncb * BS;
   auto fetch = [&](int base, uint4* v) {
 #pragma unroll
     for (int u = 0; u < SU; ++u) {
-      const int it = base + u * blockDim.x, n = it / per;
-      if (it < items) v[u] = *reinterpret_cast<const uint4*>(x + (size_t)n * C + cb0 * BS + (it - n * per) * 8);
+      const int it = base + u * blockDim.x, n = it / PER, j0 = (it % PER) * 8;
+      if (it < items && j0 < live) v[u] = *reinterpret_cast<const uint4*>(x + (size_t)n * C + cb0 * BS + j0);
     }
   };
   auto put = [&](int base, const uint4* v) {
 #pragma unroll
     for (int u = 0; u < SU; ++u) {
-      const int it = base + u * blockDim.x, n = it / per, j0 = (it - n * per) * 8;
-      if (it < items) {
+      const int it = base + u * blockDim.x, n = it / PER, j0 = (it % PER) * 8;
+      if (it < items && j0 < live) {
         const unsigned two[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
         u16* zn = zm + n * ZW;
 #if ROW
+        // column pairs j0/2 .. j0/2 + 3 -> Haar lows lo .. lo + 3 of block b, highs BS/2 later
+        unsigned lh[4];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {  // column pair j0/2 + k of block b -> Haar low / high
+        for (int k = 0; k < 4; ++k) {
           const float e = ld((u16)(two[k] & 0xffff)), o = ld((u16)(two[k] >> 16));
-          const int pp = (j0 >> 1) + k, b = pp / (BS / 2), lo = b * BS + (pp - b * (BS / 2)), hi = lo + BS / 2;
-          zn[(lo & ~31) + zpos(lo & 31)] = st(c * (e + o));
-          zn[(hi & ~31) + zpos(hi & 31)] = st(c * (e - o));
+          lh[k] = (unsigned)st(c * (e + o)) | ((unsigned)st(c * (e - o)) << 16);
         }
+        const int b = j0 / BS, lo = b * BS + (j0 - b * BS) / 2;
+        *reinterpret_cast<uint2*>(zn + lo) =
+            make_uint2(__byte_perm(lh[0], lh[1], 0x5410), __byte_perm(lh[2], lh[3], 0x5410));
+        *reinterpret_cast<uint2*>(zn + lo + BS / 2) =
+            make_uint2(__byte_perm(lh[0], lh[1], 0x7632), __byte_perm(lh[2], lh[3], 0x7632));
 #else
-        const uint2 kp = *reinterpret_cast<const uint2*>(keep + cb0 * BS + j0);
+        const uint2 kp = *reinterpret_cast<const uint2*>(keep + cb0 * BS + j0);  // bytes 0 / 1
+        unsigned m[4];
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          const int j = j0 + k;
-          const u16 h = (u16)(k & 1 ? two[k >> 1] >> 16 : two[k >> 1] & 0xffff);
-          const bool kept = ((k < 4 ? kp.x : kp.y) >> (8 * (k & 3))) & 0xff;
-          zn[(j & ~31) + zpos(j & 31)] = kept ? h : (u16)0;
+        for (int k = 0; k < 4; ++k) {  // columns 2k, 2k + 1: 0xffff where kept
+          const unsigned bytes = (k < 2 ? kp.x : kp.y) >> (16 * (k & 1));
+          m[k] = ((bytes & 1u) * 0xffffu) | ((bytes & 0x100u) * 0xffff00u);
         }
+        *reinterpret_cast<uint4*>(zn + j0) =
+            make_uint4(two[0] & m[0], two[1] & m[1], two[2] & m[2], two[3] & m[3]);
 #endif
       }
     }
@@ -234,7 +237,7 @@ extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
       for (int n = 0; n < NT; ++n) h[n] = n < N && col >= 0 ? x[(size_t)n * C + col] : (u16)0;
 #pragma unroll
       for (int n = 0; n < NT; ++n)
-        if (n < N) zs[n * ZSW + (j & ~31) + zpos(j & 31)] = h[n];
+        if (n < N) zs[n * ZSW + j] = h[n];
     }
   }
   if (threadIdx.x <= ncb) sf[threadIdx.x] = sfirst[cb0 + threadIdx.x];
