@@ -129,8 +129,8 @@ def tune(packs, l2: int, only=None) -> dict:
                                                   for cb in (1, 2, 4, 8)]),
               "mma": (cuda_mma.TUNED, (8, 16), [dict(ksplit=k) for k in (4, 8, 16)]),
               "cb": (cuda_codebook.TUNED, cuda_codebook.BUCKETS,
-                     [dict(warps=w, cb=cb, st=st) for w in (4, 8) for cb in (2, 4, 8, 11, 16)
-                      for st in (2, 3)])}
+                     [dict(warps=w, cb=cb, st=st) for w in (4, 8) for cb in (2, 4, 8)
+                      for st in (2, 4, 6)])}
     chosen = {}
     for label, (packed, meta) in packs.items():
         rows, cols = meta["rows"], meta["cols"]

@@ -189,13 +189,11 @@ def test_cuda_sources_compile_for_sm90():
                 ptx = _compile_ptx(nvrtc.full_source(cuda_mma.SOURCE, "k", **cuda_mma.macros(
                     row, nt, bf16, bs, mv, msv, ssv)))
                 assert "mma.sync.aligned.m16n8k16" in ptx
-            for nt, st, cluster in ((8, 2, 0), (16, 5, 4), (8, 3, 8)):
+            for nt, st in ((8, 2), (16, 5)):
                 ptx = _compile_ptx(nvrtc.full_source(cuda_codebook.SOURCE, "k", **cuda_codebook.macros(
-                    row, nt, bs, cb, st, cluster)))
+                    row, nt, bs, cb, st)))
                 assert "mma.sync.aligned.m16n8k16" in ptx and "prmt.b32" in ptx
                 assert "cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx
-                # chunks meet in the cluster's shared memory, or in the global workspace
-                assert ("ld.shared::cluster" in ptx) == bool(cluster) != ("atom.global" in ptx)
 
 
 def _emulate_codebook(cb: dict, rt: dict, meta: dict, band: str) -> torch.Tensor:

@@ -193,9 +193,8 @@ def test_tuned_tables_pick_kernel_and_config(monkeypatch):
 @pytest.mark.parametrize("cb,st", [(1, 4), (2, 2), (4, 3), (4, 6)])
 def test_codebook_gemv_chunks_and_workspace(monkeypatch, layout, blocksize, cols, cb, st):
     """The tensor-core codebook GEMV: column chunks of ``cb`` blocks (a partial last chunk when
-    cb does not divide the blocks; 2-8 chunks are one thread-block cluster on sm_90+, 11-86 meet
-    in the workspace), rings of ``st`` stages (more than a chunk's blocks, fewer, not a power of
-    two), blocksize 64, 70 rows (a partial tile), 1-17 tokens (one and two
+    cb does not divide the blocks), rings of ``st`` stages (more than a chunk's blocks, fewer,
+    not a power of two), blocksize 64, 70 rows (a partial tile), 1-17 tokens (one and two
     n-tiles, two launches), blocks with up to blocksize/32 salient words (past the two a stage
     holds); calling again gives the same output (the workspace and counters are reset by the
     last block of a tile)."""
@@ -211,29 +210,6 @@ def test_codebook_gemv_chunks_and_workspace(monkeypatch, layout, blocksize, cols
         assert ((y.double() - ref[:n]).norm() / ref[:n].norm()).item() < 4e-3, n
         again = mod(x[:n]).double()
         assert ((again - y.double()).norm() / y.double().norm()).item() < 1e-3, n
-
-
-@pytest.mark.parametrize("layout", ["row", "col"])
-def test_codebook_gemv_workspace_without_clusters(monkeypatch, layout):
-    """Where the chunks of a row group are not one cluster (before sm_90, or more than
-    MAX_CLUSTER chunks) they meet in the float32 workspace: forced here for 5 chunks (and 2 at
-    9-17 tokens' second launch), the same outputs, again after a call; on sm_90+ 2-8 chunks are
-    one cluster, 1 or more than 8 are not."""
-    dev = torch.cuda.current_device()
-    if torch.cuda.get_device_capability()[0] >= 9:
-        assert [cuda_codebook.cluster_size(k, dev) for k in (1, 2, 8, 9)] == [0, 2, 8, 0]
-    monkeypatch.setattr(cuda_codebook, "MAX_CLUSTER", 1)
-    assert cuda_codebook.cluster_size(2, dev) == 0
-    monkeypatch.setitem(cuda_codebook.CONFIG, "cb", 1)
-    codes = random_codes(layout, 70, 320, blocksize=64, seed=5, max_k=63)
-    mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
-    mod.gemv = "cb"
-    x = torch.randn(17, 320, device="cuda", dtype=torch.float16)
-    ref = x.double() @ dequantize(codes).double().cuda().T
-    for n in (1, 8, 16, 17):
-        y = mod(x[:n])
-        assert ((y.double() - ref[:n]).norm() / ref[:n].norm()).item() < 4e-3, n
-        assert torch.equal(mod(x[:n]), y), n
 
 
 def test_codebook_gemv_in_a_graph_after_a_first_call():

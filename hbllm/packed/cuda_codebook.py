@@ -14,10 +14,8 @@ lookup-table GEMV: a block stages its chunk's inputs in shared memory in the ord
 fragments read them (row layout: the Haar domain) and the chunk's salient inputs; a warp owns one
 row tile (two MMA tiles of 16 slots) and walks the chunk one quantization block at a time, the
 next block's codes and codebooks in flight. A lane loads its own slot's codebooks and takes the
-four rows it needs by shuffles. Partial outputs of 2-8 chunks meet in shared memory: the chunks
-of a row group are one thread-block cluster (sm_90+) and each block sums its share of the rows
-over the cluster's blocks (distributed shared memory). Otherwise they meet in a float32
-workspace and the last block of a tile writes the output (as :mod:`cuda_lut`).
+four rows it needs by shuffles. Partial outputs of several chunks meet in a float32 workspace;
+the last block of a tile writes the output (same scheme and caveats as :mod:`cuda_lut`).
 """
 from __future__ import annotations
 
@@ -128,28 +126,7 @@ template <int K> __device__ __forceinline__ void wait_groups() {
 #define NCP (WPB / 2)  // 16-byte pieces of a lane's main codes per quantization block
 #define PPS (NCP + 3)  // pieces a lane stages per block: codes, main codebooks, salient codebook and
                        // first salient word, second salient word
-#if CLUSTER  // the column chunks of a row group are one thread-block cluster (sm_90)
-// barrier of the cluster's blocks: with release / acquire (shared stores before it are seen by
-// the other blocks after it), or execution only (relaxed)
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void cluster_sync_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
-}
-// float at shared address a (this block's layout) of the cluster's block k
-__device__ __forceinline__ float ld_cluster(unsigned a, unsigned k) {
-  unsigned ra;
-  float v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(k));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(ra));
-  return v;
-}
-#define CLUSTER_DIMS __cluster_dims__(1, CLUSTER, 1)
-#else
-#define CLUSTER_DIMS
-#endif
-extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(256) NAME(PACKED_ARGS,
+extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
     const int* __restrict__ sfirst, const uint4* __restrict__ cbm, const uint2* __restrict__ bkm,
     const uint2* __restrict__ cbs, const uint2* __restrict__ bks, float* __restrict__ ws,
     unsigned* __restrict__ cnt, int SMAX) {
@@ -357,31 +334,6 @@ extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(256) NAME(PACKED_ARGS,
     }
 #endif
   __syncwarp();
-#if CLUSTER
-  // block k of the cluster holds chunk k's partial outputs of the row group: after a cluster
-  // barrier, block r sums its share of the group's (row, token) outputs over all of them and
-  // writes y; a second barrier keeps every block's shared memory until all have read it (their
-  // loads are done: the sums were stored)
-  cluster_sync();
-  {
-    const int rows = (blockDim.x >> 5) * 32, share = (rows + CLUSTER - 1) / CLUSTER;
-    const unsigned base = (unsigned)__cvta_generic_to_shared(fin);
-    for (int i = threadIdx.x; i < share * N; i += blockDim.x) {
-      const int n = i / share, e = blockIdx.y * share + i % share;  // e: warp * 32 + lane
-      const int row = blockIdx.x * rows + e;
-      if (e < rows && row < R) {
-        float v[CLUSTER];
-#pragma unroll
-        for (int k = 0; k < CLUSTER; ++k) v[k] = ld_cluster(base + 4 * (e * NT8 + n), k);
-        float sum = 0.f;
-#pragma unroll
-        for (int k = 0; k < CLUSTER; ++k) sum += v[k];
-        y[(size_t)n * R + row] = st(sum);
-      }
-    }
-  }
-  cluster_sync_relaxed();
-#else
   const int row = 32 * tw + lane;
   const bool mine = tw < T && row < R;
   if (gridDim.y == 1) {
@@ -400,42 +352,26 @@ extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(256) NAME(PACKED_ARGS,
   if (mine)
     for (int n = 0; n < N; ++n) y[(size_t)n * R + row] = st(atomicExch(ws + (size_t)n * R + row, 0.f));
   if (threadIdx.x == 0) cnt[blockIdx.x] = 0u;
-#endif
 }
 """
 
 
-def macros(row: bool, nt: int, bs: int, cb: int, st: int, cluster: int = 0) -> dict:
+def macros(row: bool, nt: int, bs: int, cb: int, st: int) -> dict:
     """Compile-time constants: layout, tokens a launch (8 or 16), blocksize, blocks per chunk,
-    stages of a warp's cp.async ring (blocks in flight + 1), column chunks that form one
-    thread-block cluster (0: chunks meet in the float32 workspace instead)."""
-    return dict(ROW=int(row), NT=nt, DT=0, BS=bs, CB=cb, SU=nt // 4, ST=st, CLUSTER=cluster)
+    stages of a warp's cp.async ring (blocks in flight + 1)."""
+    return dict(ROW=int(row), NT=nt, DT=0, BS=bs, CB=cb, SU=nt // 4, ST=st)
 
 
 @functools.cache
-def _kernel(row: bool, nt: int, bs: int, cb: int, st: int, cluster: int, device: int):
-    name = f"hbllm_cb_{'row' if row else 'col'}_{nt}_{bs}_{cb}_{st}_{cluster}"
-    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bs, cb, st, cluster))
-
-
-MAX_CLUSTER = 8  # portable cluster size
-
-
-def cluster_size(chunks: int, device: int) -> int:
-    """Blocks of a cluster for a launch of ``chunks`` column chunks: all of them where the device
-    has clusters (sm_90+) and there are 2 to :data:`MAX_CLUSTER`, else 0 (workspace)."""
-    return chunks if _major(device) >= 9 and 1 < chunks <= MAX_CLUSTER else 0
-
-
-@functools.cache
-def _major(device: int) -> int:
-    return torch.cuda.get_device_capability(device)[0]
+def _kernel(row: bool, nt: int, bs: int, cb: int, st: int, device: int):
+    name = f"hbllm_cb_{'row' if row else 'col'}_{nt}_{bs}_{cb}_{st}"
+    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bs, cb, st))
 
 
 @functools.cache
 def available() -> bool:
     """Whether the NVRTC kernel compiles here (CUDA, PyTorch >= 2.9, sm_80 or newer)."""
-    return nvrtc.compiles(lambda: _kernel(True, 8, 128, CONFIG["cb"], CONFIG["st"], 0,
+    return nvrtc.compiles(lambda: _kernel(True, 8, 128, CONFIG["cb"], CONFIG["st"],
                                            torch.cuda.current_device()), 8)
 
 
@@ -481,9 +417,7 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
                          "at most 256 threads a block) and st at least 2")
     bs, nb = meta["blocksize"], cols // meta["blocksize"]
     buf = buffers(rt, meta, scratch)
-    dev = nvrtc.device_index(x.device)
-    cluster = cluster_size((nb + cb - 1) // cb, dev)
-    kernel = _kernel(meta["layout"] == "row", nt, bs, cb, st, cluster, dev)
+    kernel = _kernel(meta["layout"] == "row", nt, bs, cb, st, nvrtc.device_index(x.device))
     tiles = (meta["rows"] + 31) // 32
     smax = min(cb * bs // 32, cb * scratch.get("block_sal_words", bs // 32))
     zw = ((cb * bs // 32) | 1) * 32
