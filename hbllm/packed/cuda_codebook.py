@@ -110,6 +110,15 @@ __device__ __forceinline__ void word(float (*acc)[NTILE][4], unsigned wa, unsign
     }
   }
 }
+// *p += v (4 floats, one vector reduction on sm_90+)
+__device__ __forceinline__ void red4(float* p, float4 v) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
+               :: "l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
+#else
+  atomicAdd(p, v.x); atomicAdd(p + 1, v.y); atomicAdd(p + 2, v.z); atomicAdd(p + 3, v.w);
+#endif
+}
 // cp.async of 16 bytes (L2 only) or of 8 bytes (zeros where !on: nothing is read) global -> shared
 __device__ __forceinline__ void cp16(void* s, const void* g) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
@@ -341,8 +350,11 @@ extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
       for (int n = 0; n < N; ++n) y[(size_t)n * R + row] = st(fw[lane * NT8 + n]);
     return;
   }
-  if (mine)
-    for (int n = 0; n < N; ++n) atomicAdd(ws + (size_t)n * R + row, fw[lane * NT8 + n]);
+  if (mine)  // workspace (R, 16): a row's tokens are one vector reduction per 4
+    for (int n = 0; n < N; n += 4)
+      red4(ws + (size_t)row * 16 + n, make_float4(fw[lane * NT8 + n], n + 1 < N ? fw[lane * NT8 + n + 1] : 0.f,
+                                                  n + 2 < N ? fw[lane * NT8 + n + 2] : 0.f,
+                                                  n + 3 < N ? fw[lane * NT8 + n + 3] : 0.f));
   __threadfence();
   __syncthreads();
   bool last = false;
@@ -350,7 +362,16 @@ extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
   if (!__syncthreads_or(last)) return;
   __threadfence();
   if (mine)
-    for (int n = 0; n < N; ++n) y[(size_t)n * R + row] = st(atomicExch(ws + (size_t)n * R + row, 0.f));
+    for (int n = 0; n < N; n += 4) {
+      float* w = ws + (size_t)row * 16 + n;
+      float v[4];
+      asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
+                   : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3]) : "l"(w) : "memory");
+      asm volatile("st.global.cg.v4.f32 [%0], {%1, %1, %1, %1};" :: "l"(w), "f"(0.f) : "memory");
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        if (n + k < N) y[(size_t)(n + k) * R + row] = st(v[k]);
+    }
   if (threadIdx.x == 0) cnt[blockIdx.x] = 0u;
 }
 """
@@ -388,7 +409,7 @@ def config(rows: int, cols: int, tokens: int) -> dict:
 
 def buffers(rt: dict[str, torch.Tensor], meta: dict, scratch: dict) -> dict:
     """Per layer and device (kept in ``scratch``): the buffers of :func:`codebook.build`, a zeroed
-    float32 workspace (MAX_TOKENS x rows) and tile counters (one per row tile, enough for any
+    float32 workspace (rows x MAX_TOKENS) and tile counters (one per row tile, enough for any
     number of warps a block)."""
     key = ("codebook", str(rt["sal_first"].device))
     if key not in scratch:
