@@ -29,12 +29,13 @@ MAX_TOKENS = 16
 # Launch config: warps (row tiles) per block, quantization blocks per column chunk, stages of a
 # warp's cp.async ring. CONFIG: the fallback; TUNED per (rows, cols, token bucket: 1, 4, 8 or 16,
 # the smallest that holds the call's tokens), as ``bench_kernel.py --tune cb`` prints it (H200,
-# 2026-11-29: experiments/benchmarks/raw/kernel_cb_epilogue_2026-11-29.json).
+# 2026-11-29: buckets 1-8 experiments/benchmarks/raw/kernel_cb_columns_2026-11-29.json, 16
+# kernel_cb_vector_2026-11-29.json).
 CONFIG = {"warps": 8, "cb": 4, "st": 2}
 BUCKETS = (1, 4, 8, 16)
 TUNED: dict[tuple, dict] = {
-    (4096, 4096, 1): {"warps": 8, "cb": 2, "st": 2}, (4096, 4096, 4): {"warps": 8, "cb": 2, "st": 2},
-    (4096, 4096, 8): {"warps": 8, "cb": 2, "st": 2}, (4096, 4096, 16): {"warps": 8, "cb": 4, "st": 2},
+    (4096, 4096, 1): {"warps": 8, "cb": 2, "st": 2}, (4096, 4096, 4): {"warps": 4, "cb": 2, "st": 2},
+    (4096, 4096, 8): {"warps": 8, "cb": 2, "st": 2}, (4096, 4096, 16): {"warps": 4, "cb": 4, "st": 2},
     (11008, 4096, 1): {"warps": 8, "cb": 4, "st": 2}, (11008, 4096, 4): {"warps": 8, "cb": 4, "st": 2},
     (11008, 4096, 8): {"warps": 8, "cb": 4, "st": 2}, (11008, 4096, 16): {"warps": 8, "cb": 4, "st": 2},
     (4096, 11008, 1): {"warps": 8, "cb": 4, "st": 2}, (4096, 11008, 4): {"warps": 8, "cb": 4, "st": 2},
@@ -110,15 +111,16 @@ __device__ __forceinline__ void word(float (*acc)[NTILE][4], unsigned wa, unsign
     }
   }
 }
-// *p += v (4 floats, one vector reduction on sm_90+)
-__device__ __forceinline__ void red4(float* p, float4 v) {
-#if __CUDA_ARCH__ >= 900
+// 9-16 tokens on sm_90: the workspace is (R, 16), a row's tokens contiguous, reduced 4 at a time
+// (one vector reduction) and read and cleared 16 bytes at a time by the last block; else (N, R),
+// one reduction a float (faster for 1-8 tokens: a warp's reductions of a token are consecutive)
+#define VEC (NT > 8 && __CUDA_ARCH__ >= 900)
+#if VEC
+__device__ __forceinline__ void red4(float* p, float4 v) {  // p[0..3] += v
   asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
                :: "l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
-#else
-  atomicAdd(p, v.x); atomicAdd(p + 1, v.y); atomicAdd(p + 2, v.z); atomicAdd(p + 3, v.w);
-#endif
 }
+#endif
 // cp.async of 16 bytes (L2 only) or of 8 bytes (zeros where !on: nothing is read) global -> shared
 __device__ __forceinline__ void cp16(void* s, const void* g) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
@@ -350,17 +352,23 @@ extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
       for (int n = 0; n < N; ++n) y[(size_t)n * R + row] = st(fw[lane * NT8 + n]);
     return;
   }
-  if (mine)  // workspace (R, 16): a row's tokens are one vector reduction per 4
+#if VEC
+  if (mine)
     for (int n = 0; n < N; n += 4)
       red4(ws + (size_t)row * 16 + n, make_float4(fw[lane * NT8 + n], n + 1 < N ? fw[lane * NT8 + n + 1] : 0.f,
                                                   n + 2 < N ? fw[lane * NT8 + n + 2] : 0.f,
                                                   n + 3 < N ? fw[lane * NT8 + n + 3] : 0.f));
+#else
+  if (mine)
+    for (int n = 0; n < N; ++n) atomicAdd(ws + (size_t)n * R + row, fw[lane * NT8 + n]);
+#endif
   __threadfence();
   __syncthreads();
   bool last = false;
   if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1u) == gridDim.y - 1;
   if (!__syncthreads_or(last)) return;
   __threadfence();
+#if VEC
   if (mine)
     for (int n = 0; n < N; n += 4) {
       float* w = ws + (size_t)row * 16 + n;
@@ -372,6 +380,10 @@ extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
       for (int k = 0; k < 4; ++k)
         if (n + k < N) y[(size_t)(n + k) * R + row] = st(v[k]);
     }
+#else
+  if (mine)
+    for (int n = 0; n < N; ++n) y[(size_t)n * R + row] = st(atomicExch(ws + (size_t)n * R + row, 0.f));
+#endif
   if (threadIdx.x == 0) cnt[blockIdx.x] = 0u;
 }
 """
@@ -409,7 +421,7 @@ def config(rows: int, cols: int, tokens: int) -> dict:
 
 def buffers(rt: dict[str, torch.Tensor], meta: dict, scratch: dict) -> dict:
     """Per layer and device (kept in ``scratch``): the buffers of :func:`codebook.build`, a zeroed
-    float32 workspace (rows x MAX_TOKENS) and tile counters (one per row tile, enough for any
+    float32 workspace (MAX_TOKENS x rows floats) and tile counters (one per row tile, enough for any
     number of warps a block)."""
     key = ("codebook", str(rt["sal_first"].device))
     if key not in scratch:
