@@ -30,7 +30,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
-from bench_kernel import SHAPES, copies, graph_time_us  # noqa: E402
 from lut_anatomy import patched  # noqa: E402
 
 from hbllm.packed import cuda_codebook  # noqa: E402
@@ -50,7 +49,7 @@ PATCHES = {
                "      acc[v][h][0] += __uint_as_float((a[0][0] ^ a[1][3]) & 0x3c003c00u);")],
     "cached": [(f"stage_main({NEXT}", "stage_main((b + ST - 1) % ST, cb0 + ((b + ST - 1) & 1) * (ncb > 1));"),
                (f"stage_sal({NEXT}", "stage_sal((b + ST - 1) % ST, cb0 + ((b + ST - 1) & 1) * (ncb > 1));")],
-    "nostage": [("items = N * per;", "items = 0 * N * per;")],
+    "nostage": [("items = N * PER,", "items = 0 * N * PER,")],
     "nosplit": [("if (gridDim.y == 1) {", "if (true) {")],
 }
 
@@ -62,6 +61,7 @@ def set_source(src: str) -> None:
 
 
 def main() -> None:
+    from bench_kernel import SHAPES, copies, graph_time_us  # (imports Triton: only where kernels are timed)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--variants", nargs="*", default=list(PATCHES))

@@ -27,7 +27,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
-from bench_kernel import SHAPES, copies, graph_time_us  # noqa: E402
 
 from hbllm.packed import cuda_lut  # noqa: E402
 from hbllm.packed.format import linear_meta, pack_linear  # noqa: E402
@@ -65,6 +64,7 @@ def set_source(src: str) -> None:
 def lut_layers(rows: int, cols: int, max_k: int, l2: int) -> list:
     """Copies (over twice the L2) of a packed HBLLM-row (rows, cols) layer of synthetic codes with
     up to ``max_k`` salient columns a block, on CUDA, forced to the lookup-table GEMV."""
+    from bench_kernel import copies  # (imports Triton: only where kernels are timed)
     codes = random_codes("row", rows, cols, max_k=max_k, seed=0)
     packed, meta = pack_linear(codes), linear_meta(codes)
     mods = copies(functools.partial(PackedLinear, packed, meta, device="cuda"), 8 << 20, l2)
@@ -74,6 +74,7 @@ def lut_layers(rows: int, cols: int, max_k: int, l2: int) -> list:
 
 
 def main() -> None:
+    from bench_kernel import SHAPES, graph_time_us  # (imports Triton: only where kernels are timed)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernel import SHAPES, graph_time_us  # noqa: E402
 from lut_anatomy import lut_layers, patched, set_source  # noqa: E402
 
 from hbllm.packed import cuda_lut  # noqa: E402
@@ -41,6 +40,7 @@ CONFIGS = {1: [dict(warps=8, cb=2), dict(warps=8, cb=4), dict(warps=4, cb=2), di
 
 
 def main() -> None:
+    from bench_kernel import SHAPES, graph_time_us  # (imports Triton: only where kernels are timed)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
