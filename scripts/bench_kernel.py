@@ -121,10 +121,10 @@ def set_kernel(mods, kernel: str) -> None:
 
 
 def tune(packs, l2: int, only=None) -> dict:
-    """Per shape, the launch config of the lookup-table GEMV (1 and 4 tokens a launch) and of the
-    tensor-core GEMVs (8 and 16 tokens) by graph time, written into ``cuda_lut.TUNED`` /
-    ``cuda_mma.TUNED`` / ``cuda_codebook.TUNED``; ``mm``: the Triton tiles' config summed over
-    the shapes at 16 tokens."""
+    """Per shape, the launch config of the lookup-table GEMV (1 and 4 tokens a launch), the +-1
+    tensor-core GEMV (8 and 16) and the codebook GEMV (token buckets 1/4/8/16) by graph time,
+    written into ``cuda_lut.TUNED`` / ``cuda_mma.TUNED`` / ``cuda_codebook.TUNED``; ``mm``: the
+    Triton tiles' config summed over the shapes at 16 tokens."""
     sweeps = {"lut": (cuda_lut.TUNED, (1, 4), [dict(warps=w, cb=cb) for w in (2, 4, 8, 16)
                                                   for cb in (1, 2, 4, 8)]),
               "mma": (cuda_mma.TUNED, (8, 16), [dict(ksplit=k) for k in (4, 8, 16)]),
