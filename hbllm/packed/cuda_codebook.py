@@ -10,12 +10,15 @@ multiplies 16 rows x 16 columns by up to 8 tokens, so the decode is shared by al
 launch (two n-tiles for 9-16).
 
 Grid: (groups of ``warps`` row tiles, column chunks of ``cb`` quantization blocks), as the
-lookup-table GEMV: a block stages its chunk's inputs in shared memory in the order the B
-fragments read them (row layout: the Haar domain) and the chunk's salient inputs; a warp owns one
-row tile (two MMA tiles of 16 slots) and walks the chunk one quantization block at a time, the
-next block's codes and codebooks in flight. A lane loads its own slot's codebooks and takes the
-four rows it needs by shuffles. Partial outputs of several chunks meet in a float32 workspace;
-the last block of a tile writes the output (same scheme and caveats as :mod:`cuda_lut`).
+lookup-table GEMV: a block stages its chunk's inputs in shared memory in plain column order (row
+layout: the Haar domain; lane q's B fragments of a word are its columns 8q .. 8q + 7) and the
+chunk's salient inputs; a warp owns one row tile (two MMA tiles of 16 slots) and walks the chunk
+one quantization block at a time, each lane cp.async-ing its own pieces of the next ``st - 1``
+blocks (codes, codebooks, the first two salient words) into a ring in shared memory. A lane
+loads its own slot's codebooks and takes the four rows it needs by shuffles. A warp assembles its
+32 output rows in shared memory with plain stores; partial outputs of several chunks meet in a
+float32 workspace and the last block of a tile writes the output (same scheme and caveats as
+:mod:`cuda_lut`).
 """
 from __future__ import annotations
 
