@@ -21,3 +21,25 @@ def test_every_patch_applies_once():
             assert (src != kernel.SOURCE) == bool(patches), (script.__name__, name)
     for variant in lut_variants.VARIANTS:  # the composed variants the script times
         lut_anatomy.patched(cuda_lut.SOURCE, variant, lut_variants.PATCHES)
+
+
+def test_sass_loops_finds_the_block_loop():
+    """``sass_count.loops``: a backward branch around MMA work is a loop (its body counted from
+    the label to the branch); a forward branch and a loop without MMA or shared loads are not."""
+    import sass_count
+
+    text = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   LDS.128 R4, [R2] ;
+        /*0020*/                   HMMA.16816.F32 R8, R4, R6, R8 ;
+        /*0030*/              @P0  BRA `(.L_x_1) ;
+        /*0040*/              @P1  BRA `(.L_x_2) ;
+.L_x_3:
+        /*0050*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0060*/              @P2  BRA `(.L_x_3) ;
+.L_x_2:
+        /*0070*/                   EXIT ;
+"""
+    found = sass_count.loops(text)
+    assert [(n, dict(c)) for n, c in found] == [(3, {"LDS": 1, "HMMA": 1, "BRA": 1})]
