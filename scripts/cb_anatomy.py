@@ -21,7 +21,6 @@ LLaMA-2-7B shapes, 1, 8 and 16 tokens, each shape's tuned launch config.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from pathlib import Path
@@ -30,12 +29,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
-from lut_anatomy import patched  # noqa: E402
+from lut_anatomy import lut_layers, patched, set_source  # noqa: E402
 
 from hbllm.packed import cuda_codebook  # noqa: E402
-from hbllm.packed.format import linear_meta, pack_linear  # noqa: E402
-from hbllm.packed.module import PackedLinear  # noqa: E402
-from packed_synthetic import random_codes  # noqa: E402
 
 DECODE = "\n".join(f"    a[{k // 4}][{k % 4}] = perm(b{k % 2}, sel<{p}>(w, w4));"
                    for k, p in enumerate((0, 2, 4, 6, 16, 18, 20, 22)))
@@ -54,14 +50,8 @@ PATCHES = {
 }
 
 
-def set_source(src: str) -> None:
-    """Compile the codebook GEMV from ``src`` from now on."""
-    cuda_codebook.SOURCE = src
-    cuda_codebook._kernel.cache_clear()
-
-
 def main() -> None:
-    from bench_kernel import SHAPES, copies, graph_time_us  # (imports Triton: only where kernels are timed)
+    from bench_kernel import SHAPES, graph_time_us  # (imports Triton: only where kernels are timed)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--variants", nargs="*", default=list(PATCHES))
@@ -70,19 +60,15 @@ def main() -> None:
     original = cuda_codebook.SOURCE
     out = []
     for rows, cols in SHAPES.values():
-        codes = random_codes("row", rows, cols, max_k=12, seed=0)
-        mods = copies(functools.partial(PackedLinear, pack_linear(codes), linear_meta(codes),
-                                        device="cuda"), 8 << 20, l2)
-        for m in mods:
-            m.gemv = "cb"
+        mods = lut_layers(rows, cols, 12, l2, "cb")
         for nt in (1, 8, 16):
             x = torch.randn(nt, cols, device="cuda", dtype=torch.float16)
             row = {"shape": f"{rows}x{cols}", "tokens": nt,
                    "config": cuda_codebook.config(rows, cols, nt)}
             for name in args.variants:
-                set_source(patched(original, name, PATCHES))
+                set_source(patched(original, name, PATCHES), cuda_codebook)
                 row[name] = graph_time_us(mods, x)
-            set_source(original)
+            set_source(original, cuda_codebook)
             out.append(row)
             print(json.dumps(row), flush=True)
         del mods

@@ -55,21 +55,21 @@ def patched(src: str, variant: str, patches: dict = PATCHES) -> str:
     return src
 
 
-def set_source(src: str) -> None:
-    """Compile the lookup-table GEMV from ``src`` from now on."""
-    cuda_lut.SOURCE = src
-    cuda_lut._kernel.cache_clear()
+def set_source(src: str, kernel=cuda_lut) -> None:
+    """Compile ``kernel`` (an NVRTC kernel module of hbllm.packed) from ``src`` from now on."""
+    kernel.SOURCE = src
+    kernel._kernel.cache_clear()
 
 
-def lut_layers(rows: int, cols: int, max_k: int, l2: int) -> list:
+def lut_layers(rows: int, cols: int, max_k: int, l2: int, gemv: str = "lut") -> list:
     """Copies (over twice the L2) of a packed HBLLM-row (rows, cols) layer of synthetic codes with
-    up to ``max_k`` salient columns a block, on CUDA, forced to the lookup-table GEMV."""
+    up to ``max_k`` salient columns a block, on CUDA, forced to kernel ``gemv``."""
     from bench_kernel import copies  # (imports Triton: only where kernels are timed)
     codes = random_codes("row", rows, cols, max_k=max_k, seed=0)
     packed, meta = pack_linear(codes), linear_meta(codes)
     mods = copies(functools.partial(PackedLinear, packed, meta, device="cuda"), 8 << 20, l2)
     for m in mods:
-        m.gemv = "lut"
+        m.gemv = gemv
     return mods
 
 

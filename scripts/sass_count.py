@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import importlib
 import os
 import re
@@ -26,26 +25,6 @@ import tempfile
 from hbllm.packed import nvrtc
 
 INSTR = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)")
-
-
-def cubin(source: str, arch: str) -> bytes:
-    """``source`` compiled by the libnvrtc at $HBLLM_NVRTC_LIB to a cubin for ``arch``."""
-    lib = ctypes.CDLL(os.environ["HBLLM_NVRTC_LIB"])
-    prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"k.cu", 0, None, None) == 0
-    opts = [f"--gpu-architecture={arch}".encode(), b"-default-device", b"-std=c++17"]
-    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-    size = ctypes.c_size_t()
-    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetProgramLog(prog, log)
-    if rc:
-        raise SystemExit(log.value.decode())
-    lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-    out = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetCUBIN(prog, out)
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    return out.raw
 
 
 def disassemble(binary: bytes) -> tuple[str, str]:
@@ -88,7 +67,9 @@ def main() -> None:
     args = ap.parse_args()
     kernel = importlib.import_module(f"hbllm.packed.{args.module}")
     macros = {k: int(v) for k, v in (m.split("=", 1) for m in args.macros)}
-    text, res = disassemble(cubin(nvrtc.full_source(kernel.SOURCE, "k", **macros), args.arch))
+    binary, _ = nvrtc.compile_offline(nvrtc.full_source(kernel.SOURCE, "k", **macros),
+                                      os.environ["HBLLM_NVRTC_LIB"], args.arch)
+    text, res = disassemble(binary)
     if args.dump:
         with open(args.dump, "w") as f:
             f.write(text)

@@ -153,24 +153,11 @@ def _nvrtc_lib():
 
 
 def _compile_ptx(source: str) -> str:
-    """PTX for sm_90 of a CUDA source with the libnvrtc at $HBLLM_NVRTC_LIB (no GPU needed)."""
-    import ctypes
-
-    lib = ctypes.CDLL(_nvrtc_lib())
-    prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"k.cu", 0, None, None) == 0
-    opts = [b"--gpu-architecture=compute_90", b"-default-device", b"-std=c++17"]
-    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-    size = ctypes.c_size_t()
-    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetProgramLog(prog, log)
-    assert rc == 0 and b"warning" not in log.value, log.value.decode(errors="replace")
-    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
-    ptx = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetPTX(prog, ptx)
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    return ptx.value.decode()
+    """PTX for sm_90 of a CUDA source with the libnvrtc at $HBLLM_NVRTC_LIB (no GPU needed),
+    compiled without warnings."""
+    ptx, log = nvrtc.compile_offline(source, _nvrtc_lib(), "compute_90")
+    assert "warning" not in log, log
+    return ptx.rstrip(b"\0").decode()
 
 
 @pytest.mark.skipif(not _nvrtc_lib(), reason="set HBLLM_NVRTC_LIB to a libnvrtc.so to compile")

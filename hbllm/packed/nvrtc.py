@@ -71,6 +71,35 @@ def compiles(build, min_major: int = 0) -> bool:
         return False
 
 
+def compile_offline(source: str, lib: str, arch: str) -> tuple[bytes, str]:
+    """``source`` compiled without a GPU by the libnvrtc at path ``lib`` (for instance PyPI's
+    ``nvidia-cuda-nvrtc``) for ``arch`` (``compute_XY``: PTX, ``sm_XY``: a cubin): (output, the
+    compiler's log). Raises RuntimeError with the log when it does not compile."""
+    import ctypes
+
+    nv = ctypes.CDLL(lib)
+    prog = ctypes.c_void_p()
+    if nv.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"k.cu", 0, None, None):
+        raise RuntimeError(f"nvrtcCreateProgram failed ({lib})")
+    try:
+        opts = [f"--gpu-architecture={arch}".encode(), b"-default-device", b"-std=c++17"]
+        rc = nv.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        nv.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        nv.nvrtcGetProgramLog(prog, log)
+        text = log.value.decode(errors="replace")
+        if rc:
+            raise RuntimeError(text)
+        kind = "PTX" if arch.startswith("compute_") else "CUBIN"
+        getattr(nv, f"nvrtcGet{kind}Size")(prog, ctypes.byref(size))
+        out = ctypes.create_string_buffer(size.value)
+        getattr(nv, f"nvrtcGet{kind}")(prog, out)
+        return out.raw, text
+    finally:
+        nv.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
 def device_index(device: torch.device) -> int:
     return torch.cuda.current_device() if device.index is None else device.index
 
