@@ -1,8 +1,7 @@
 """SASS of a packed kernel variant without a GPU: instruction mix, registers and the loop bodies.
 
-    pip install --target /tmp/cu nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump
-    export HBLLM_NVRTC_LIB=/tmp/cu/nvidia/cu13/lib/libnvrtc.so.13 \\
-           LD_LIBRARY_PATH=/tmp/cu/nvidia/cu13/lib HBLLM_CUDA_BIN=/tmp/cu/nvidia/cu13/bin
+    pip install nvidia-cuda-nvrtc==13.0.88 && pip install --target /tmp/cu nvidia-cuda-nvdisasm \\
+        nvidia-cuda-cuobjdump && export HBLLM_CUDA_BIN=/tmp/cu/nvidia/cu13/bin
     PYTHONPATH=$PWD python scripts/sass_count.py cuda_codebook ROW=1 NT=16 BS=128 CB=4 ST=2 \\
         [--arch sm_90] [--dump k.sass]
 
@@ -67,8 +66,10 @@ def main() -> None:
     args = ap.parse_args()
     kernel = importlib.import_module(f"hbllm.packed.{args.module}")
     macros = {k: int(v) for k, v in (m.split("=", 1) for m in args.macros)}
-    binary, _ = nvrtc.compile_offline(nvrtc.full_source(kernel.SOURCE, "k", **macros),
-                                      os.environ["HBLLM_NVRTC_LIB"], args.arch)
+    lib = nvrtc.offline_library()
+    if lib is None:
+        raise SystemExit("no libnvrtc: pip install nvidia-cuda-nvrtc, or set HBLLM_NVRTC_LIB")
+    binary, _ = nvrtc.compile_offline(nvrtc.full_source(kernel.SOURCE, "k", **macros), lib, args.arch)
     text, res = disassemble(binary)
     if args.dump:
         with open(args.dump, "w") as f:

@@ -2,7 +2,6 @@
 documented lane -> row map, and a float64 emulation of what each CUDA kernel computes from the
 flat tiled buffers (its index arithmetic, its algebra, its lane -> output-row combination) equals
 dequantize-then-matmul. The kernels themselves run in tests/test_packed_triton.py (CUDA)."""
-import os
 
 import pytest
 import torch
@@ -149,7 +148,7 @@ def test_band_rows_of_each_band():
 
 
 def _nvrtc_lib():
-    return os.environ.get("HBLLM_NVRTC_LIB")
+    return nvrtc.offline_library()
 
 
 def _compile_ptx(source: str) -> str:
@@ -160,7 +159,7 @@ def _compile_ptx(source: str) -> str:
     return ptx.rstrip(b"\0").decode()
 
 
-@pytest.mark.skipif(not _nvrtc_lib(), reason="set HBLLM_NVRTC_LIB to a libnvrtc.so to compile")
+@pytest.mark.skipif(not _nvrtc_lib(), reason="pip install nvidia-cuda-nvrtc (or set HBLLM_NVRTC_LIB) to compile")
 def test_cuda_sources_compile_for_sm90():
     """Every kernel variant the runtime can ask for compiles without warnings (CPU: NVRTC only),
     and the tiled loads are 16-byte vectors where the layout allows them."""

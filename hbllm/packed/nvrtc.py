@@ -9,7 +9,9 @@ by the ``extra`` ones it takes.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -74,9 +76,12 @@ def compiles(build, min_major: int = 0) -> bool:
 def compile_offline(source: str, lib: str, arch: str) -> tuple[bytes, str]:
     """``source`` compiled without a GPU by the libnvrtc at path ``lib`` (for instance PyPI's
     ``nvidia-cuda-nvrtc``) for ``arch`` (``compute_XY``: PTX, ``sm_XY``: a cubin): (output, the
-    compiler's log). Raises RuntimeError with the log when it does not compile."""
+    compiler's log). Raises RuntimeError with the log when it does not compile. The
+    ``libnvrtc-builtins`` beside ``lib`` are loaded first (no LD_LIBRARY_PATH needed)."""
     import ctypes
 
+    for builtins in sorted(Path(lib).parent.glob("libnvrtc-builtins.so*")):  # found beside it
+        ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
     nv = ctypes.CDLL(lib)
     prog = ctypes.c_void_p()
     if nv.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"k.cu", 0, None, None):
@@ -98,6 +103,19 @@ def compile_offline(source: str, lib: str, arch: str) -> tuple[bytes, str]:
         return out.raw, text
     finally:
         nv.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def offline_library() -> str | None:
+    """The libnvrtc for :func:`compile_offline`: $HBLLM_NVRTC_LIB, else that of a pip-installed
+    ``nvidia-cuda-nvrtc`` (CUDA 13), else None."""
+    if os.environ.get("HBLLM_NVRTC_LIB"):
+        return os.environ["HBLLM_NVRTC_LIB"]
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    found = [p for root in nvidia.__path__ for p in Path(root).glob("cu13/lib/libnvrtc.so.*")]
+    return str(found[0]) if found else None
 
 
 def device_index(device: torch.device) -> int:
