@@ -14,7 +14,9 @@ to record in hbllm/packed/module.py (``--tune``: the per-shape launch configs li
 layer's registered (tiled) buffers; the codebook GEMV reads buffers of the same size. The
 7B-shaped model has random fp16 weights; its 224 decoder linears are replaced by copies of the
 three packed layers; decode is timed as one CUDA graph per step (static cache) and with eager
-``generate``.
+``generate``, and as one graph with the decoder linears replaced by free modules (the ceiling of
+any linear kernel). Packed times are with programmatic dependent launch (``nvrtc.PDL``) and
+again without.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from triton.testing import do_bench
 
 import hbllm
 from hbllm.config import QuantConfig
-from hbllm.packed import cuda_codebook, cuda_lut, cuda_mma, module, triton_kernels
+from hbllm.packed import cuda_codebook, cuda_lut, cuda_mma, module, nvrtc, triton_kernels
 from hbllm.packed.codes import dequantize, from_quantizer
 from hbllm.packed.format import linear_meta, pack_linear, tensor_bytes
 from hbllm.packed.module import PackedLinear
@@ -216,12 +218,15 @@ def bench_layers(packs, codes, bw: float, l2: int) -> list:
             x = torch.randn(batch, cols, device="cuda", dtype=torch.float16)
             err = rel_err(pk[0](x), x.double() @ w_ref.T)
             t_pk = graph_time_us(pk, x)
+            nvrtc.PDL = False  # the same kernels in plain stream order
+            t_plain = graph_time_us(pk, x)
+            nvrtc.PDL = True
             first = pk[0]
             t_eager = 1e3 * do_bench(lambda: first(x), rep=100, return_mode="median")  # noqa: B023
             f, io = found[batch], 2 * batch * (rows + cols)
             row = {"shape": f"{rows}x{cols}", "layer": label, "batch": batch,
                    "kernel": module.kernel_for(rows, cols, batch), "fp16_us": f["fp16_us"],
-                   "packed_us": t_pk, "packed_eager_us": t_eager,
+                   "packed_us": t_pk, "packed_no_pdl_us": t_plain, "packed_eager_us": t_eager,
                    **{f"packed_{k}_us": f["us"][k] for k in module.KERNELS},
                    **{f"rel_err_{k}": f["err"][k] for k in module.KERNELS},
                    "speedup": f["fp16_us"] / t_pk,
@@ -310,19 +315,40 @@ def bench_7b(packs) -> dict:
                packed_eager_tok_s=decode_tps(model))
     if "graph_error" not in out:
         out["packed_graph_tok_s"] = 1e3 / graph_step_ms(model)
+        nvrtc.PDL = False
+        out["packed_graph_no_pdl_tok_s"] = 1e3 / graph_step_ms(model)
+        nvrtc.PDL = True
+        for layer in model.model.layers:  # the floor: everything but the decoder linears
+            for parent in (layer.self_attn, layer.mlp):
+                for name, mod in list(parent.named_children()):
+                    if isinstance(mod, PackedLinear):
+                        setattr(parent, name, Free(mod.out_features))
+        out["no_linear_graph_tok_s"] = 1e3 / graph_step_ms(model)
     return out
+
+
+class Free(torch.nn.Module):
+    """A linear's output shape and nothing else (uninitialized): a decode step's floor."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], self.rows)
 
 
 def print_report(report: dict, tables: dict) -> None:
     print(f"\n{report['device']}, copy {report['copy_GBps']:.0f} GB/s, "
           f"{report['seconds']:.0f} s; configs {report['configs']}")
-    print("| layer | shape | batch | fp16 us | packed us | kernel | lut us | mma us | cb us | triton us "
-          "| speedup | packed GB/s | % copy BW (fp16) | rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| layer | shape | batch | fp16 us | packed us | no PDL us | kernel | lut us | mma us | cb us "
+          "| triton us | speedup | packed GB/s | % copy BW (fp16) | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     bad = []
     for r in report["layers"]:
         print(f"| {r['layer']} | {r['shape']} | {r['batch']} | {r['fp16_us']:.1f} | "
-              f"{r['packed_us']:.1f} | {r['kernel']} | {r['packed_lut_us']:.1f} | "
+              f"{r['packed_us']:.1f} | {r['packed_no_pdl_us']:.1f} | {r['kernel']} | "
+              f"{r['packed_lut_us']:.1f} | "
               f"{r['packed_mma_us']:.1f} | {r['packed_cb_us']:.1f} | {r['packed_triton_us']:.1f} | "
               f"{r['speedup']:.2f}x | "
               f"{r['packed_GBps']:.0f} | {100 * r['packed_bw_frac']:.0f}% "
@@ -336,6 +362,11 @@ def print_report(report: dict, tables: dict) -> None:
               f"{d.get('fp16_graph_tok_s', float('nan')):.1f} packed "
               f"{d.get('packed_graph_tok_s', float('nan')):.1f}; eager generate fp16 "
               f"{d['fp16_eager_tok_s']:.1f} packed {d['packed_eager_tok_s']:.1f}")
+        if "no_linear_graph_tok_s" in d:
+            floor = d["no_linear_graph_tok_s"] / d["fp16_graph_tok_s"]
+            print(f"graph packed without programmatic dependent launch "
+                  f"{d['packed_graph_no_pdl_tok_s']:.1f}; with free decoder linears (the ceiling "
+                  f"of any linear kernel) {d['no_linear_graph_tok_s']:.1f} = {floor:.2f}x fp16")
     for batch, target in ((1, 2.5), (4, 1.5), (16, 1.0)):
         got = [r["speedup"] for r in report["layers"] if r["batch"] == batch]
         print(f"target batch {batch} >= {target}x: min {min(got):.2f}x -> "

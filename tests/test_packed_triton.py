@@ -228,3 +228,47 @@ def test_codebook_gemv_in_a_graph_after_a_first_call():
     with torch.cuda.graph(graph):
         y = mod(x)
     _assert_replays(graph, x, y, codes)
+
+
+@pytest.mark.parametrize("kernel", ["lut", "cb"])
+@pytest.mark.parametrize("graph", [False, True])
+def test_dependent_launches_read_the_previous_output(monkeypatch, kernel, graph):
+    """Programmatic dependent launch (sm_90+): a call starts while the one before it runs, and its
+    input is that call's output. In a chain of calls, eager or replayed from a CUDA graph, every
+    output matches the reference for the input it was given (a read of x, or a write, before
+    ``dep_wait`` would not); after a layer's first call, every launch is a dependent one."""
+    from hbllm.packed import nvrtc
+
+    monkeypatch.setitem(cuda_lut.CONFIG, "cb", 2)  # several column chunks: the workspace path
+    monkeypatch.setitem(cuda_codebook.CONFIG, "cb", 2)
+    codes = [random_codes("row", 512, 512, seed=s) for s in (1, 2)]
+    mods = [PackedLinear(pack_linear(c), linear_meta(c)).cuda() for c in codes]
+    weights = [dequantize(c).double().cuda() for c in codes]
+    x = torch.randn(3, 512, device="cuda", dtype=torch.float16)
+    for m in mods:
+        m.gemv = kernel
+        m(x)  # the first call of a layer is a plain launch
+    dependent = []
+    plain = nvrtc.launch_dependent
+    monkeypatch.setattr(nvrtc, "launch_dependent", lambda *a: (dependent.append(1), plain(*a)))
+
+    def chain() -> list:
+        ys = [x]
+        for i in range(6):
+            ys.append(mods[i % 2](ys[-1]))
+        return ys
+
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            ys = chain()
+        g.replay()
+    else:
+        ys = chain()
+    torch.cuda.synchronize()
+    for i in range(6):
+        ref = ys[i].double() @ weights[i % 2].T
+        y = ys[i + 1].double()
+        assert torch.isfinite(y).all() and ((y - ref).norm() / ref.norm()).item() < 4e-3, i
+    if nvrtc.PDL and nvrtc.pdl_supported(torch.cuda.current_device()):
+        assert len(dependent) == 6

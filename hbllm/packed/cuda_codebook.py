@@ -181,10 +181,12 @@ extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
     cp8(d + (NCP + 2) * 32, w1, f0 + 1 < f1);
   };
   // blocks 0 .. ST-2 in flight while the inputs are staged (their salient words need sf: after)
+  dep_launch();
 #pragma unroll
   for (int s = 0; s < ST - 1; ++s)
     if (s < ncb) stage_main(s, cb0 + s);
   commit();
+  dep_wait();  // x and the outputs belong to the kernels before this one
   // inputs -> shared memory in column order (lane q's B fragments of a word are its columns
   // 8q .. 8q + 7, one 16-byte read), with every global load of a round in flight at once. Main
   // inputs (fp16; row layout: c (x_even +- x_odd)): an item is 8 columns (16 bytes) of a token,
@@ -462,6 +464,10 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
     ring = 16 * warps * st * (bs // 64 + 3) * 32
     smem = ring + 2 * nt * (zw + zsw) + 4 * warps * 32 * 8 * ntile + 4 * (cb + 1)
     grid = ((tiles + warps - 1) // warps, (nb + cb - 1) // cb, 1)
-    return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
-                        extra=[rt["sal_first"], buf["cb_main"], buf["book_main"], buf["cb_sal"],
-                               buf["book_sal"], buf["ws"], buf["cnt"], smax])
+    y = nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
+                     extra=[rt["sal_first"], buf["cb_main"], buf["book_main"], buf["cb_sal"],
+                            buf["book_sal"], buf["ws"], buf["cnt"], smax],
+                     pdl=("cb_settled", x.device) in scratch)
+    scratch[("cb_settled", x.device)] = True  # this launch followed the buffers' writes: later
+    # ones may start early (programmatic dependent launch, nvrtc.PDL)
+    return y

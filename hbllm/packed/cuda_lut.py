@@ -164,7 +164,9 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     k.g1 = k.f0 < k.f1 ? sm[((size_t)t * SW + k.f0) * 32 + lane] : 0u;
   };
   Blk cur, nxt;
+  dep_launch();
   load(cur, cb0);  // in flight while the tables are built
+  dep_wait();      // x and the outputs belong to the kernels before this one
   const int sw0 = sfirst[cb0], nsw = sfirst[cb0 + ncb] - sw0;
   // tables: main inputs of the chunk (row layout: the Haar domain), x at its salient slots
   tables(tm, tmw, N, nw * 8, POS, [&](int n, int j) -> float {
@@ -309,5 +311,9 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
     smax = min(words, cb * scratch.get("block_sal_words", bs // 32))  # salient words of a chunk, at most
     smem = 4 * nt * (words + smax) * (8 * 16 + 1) + 4 * smax  # tables, word totals, live nibbles
     grid = (tiles, (nb + cb - 1) // cb, 1)
-    return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
-                        extra=[rt["sal_first"], sc["ws"], sc["cnt"], smax])
+    y = nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
+                     extra=[rt["sal_first"], sc["ws"], sc["cnt"], smax],
+                     pdl=("lut_settled", x.device) in scratch)
+    scratch[("lut_settled", x.device)] = True  # this launch followed the buffers' writes: later
+    # ones may start early (programmatic dependent launch, nvrtc.PDL)
+    return y

@@ -5,9 +5,17 @@ compile step and the launch over token chunks with the (tiled) compute buffers o
 A kernel source defines ``NAME`` and is compiled with ``DT`` (0 fp16, 1 bf16) plus its own macros;
 its signature is ``NAME(PACKED_ARGS)``, the arguments :func:`launch` passes (see there), followed
 by the ``extra`` ones it takes.
+
+Programmatic dependent launch (sm_90+, :data:`PDL`): a kernel that calls ``dep_launch()`` early
+and ``dep_wait()`` before its first read of ``x`` and its first global write may be launched with
+``pdl=True``. It then starts while the kernel before it in the stream is still running: its
+launch and its first weight loads overlap that kernel's tail, and ``dep_wait()`` holds it until
+that kernel has finished and its writes are visible. Without the launch attribute both calls are
+no-ops.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 from collections.abc import Sequence
@@ -47,6 +55,17 @@ __device__ __forceinline__ float4 stats4(uint2 t) {
 __device__ __forceinline__ size_t tidx(int t, int w, int lane, int n, int v) {
   return (((size_t)t * (n / v) + w / v) * 32 + lane) * v + w % v;
 }
+// programmatic dependent launch (module docstring): let the next kernel launch / wait for the last
+__device__ __forceinline__ void dep_launch() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void dep_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 #define PACKED_ARGS const u16* __restrict__ x, u16* __restrict__ y, \
     const unsigned* __restrict__ ms, const unsigned* __restrict__ mm, const uint2* __restrict__ mst, \
     const unsigned* __restrict__ ss, const unsigned* __restrict__ sm, const int* __restrict__ sgrp, \
@@ -78,8 +97,6 @@ def compile_offline(source: str, lib: str, arch: str) -> tuple[bytes, str]:
     ``nvidia-cuda-nvrtc``) for ``arch`` (``compute_XY``: PTX, ``sm_XY``: a cubin): (output, the
     compiler's log). Raises RuntimeError with the log when it does not compile. The
     ``libnvrtc-builtins`` beside ``lib`` are loaded first (no LD_LIBRARY_PATH needed)."""
-    import ctypes
-
     for builtins in sorted(Path(lib).parent.glob("libnvrtc-builtins.so*")):  # found beside it
         ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
     nv = ctypes.CDLL(lib)
@@ -144,12 +161,57 @@ def compile_kernel(source: str, name: str, device: int, **macros: int):
     return kernel
 
 
+# Launch kernels that support it (pdl=True) with programmatic dependent launch on sm_90+; set
+# False (or HBLLM_PDL=0) for plain stream order, e.g. to measure what it buys.
+PDL = os.environ.get("HBLLM_PDL", "1") != "0"
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+
+
+class _Attr(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("rest", ctypes.c_char * 60)]
+
+
+class _Config(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_Attr)),
+                ("num_attrs", ctypes.c_uint)]
+
+
+@functools.cache
+def pdl_supported(device: int) -> bool:
+    """Programmatic dependent launch: compute capability 9.0+ and a driver with cuLaunchKernelEx."""
+    lib = torch.cuda._utils._get_gpu_runtime_library()
+    return torch.cuda.get_device_capability(device)[0] >= 9 and hasattr(lib, "cuLaunchKernelEx")
+
+
+def launch_dependent(kernel, grid: tuple, block: tuple, args: Sequence, smem: int) -> None:
+    """``kernel(grid=..., block=..., args=..., shared_mem=...)`` on the current stream, with the
+    programmatic-stream-serialization attribute (the kernel must call ``dep_wait()``)."""
+    keep, params = [], []
+    for a in args:  # as torch's launcher passes them: pointers, C ints, C doubles
+        v = (ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
+             else ctypes.c_int(a) if isinstance(a, int) else ctypes.c_double(a))
+        keep.append(v)
+        params.append(ctypes.cast(ctypes.byref(v), ctypes.c_void_p))
+    attr = _Attr(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+    cfg = _Config((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), smem,
+                  ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.pointer(attr), 1)
+    lib = torch.cuda._utils._get_gpu_runtime_library()
+    rc = lib.cuLaunchKernelEx(ctypes.byref(cfg), kernel.func,
+                              (ctypes.c_void_p * len(params))(*params), None)
+    if rc:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {rc}")
+
+
 def launch(kernel, x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float, nt: int,
-           grid: tuple, threads: int, smem: int, extra: Sequence = ()) -> torch.Tensor:
+           grid: tuple, threads: int, smem: int, extra: Sequence = (),
+           pdl: bool = False) -> torch.Tensor:
     """y (N, R) = x (N, C) W^T by ``kernel``, ``nt`` tokens a launch. Kernel arguments: x, y, the
     main and salient band buffers, the col layout's non-salient mask, tokens, R, C, salient words,
     main statistics groups, blocks, words per main group, the inverse-Haar constant, then
-    ``extra``."""
+    ``extra``. ``pdl``: the kernel supports programmatic dependent launch (module docstring);
+    used when :data:`PDL` is set and the device has it."""
     if x.data_ptr() % 16:  # the kernels read x 16 bytes (8 columns) or a column pair at a time
         x = x.clone()
     n, cols = x.shape
@@ -157,11 +219,15 @@ def launch(kernel, x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: 
     y = torch.empty(n, rows, device=x.device, dtype=x.dtype)
     keep = rt["sal_cols"] if row else rt["ns_mask"]  # bool: one byte per column; unused for row
     groups = rt["main_stats"].shape[1] * rt["main_stats"].shape[3]  # (T, G/SV, 32, SV, 4)
+    dependent = pdl and PDL and pdl_supported(device_index(x.device))
     for i in range(0, n, nt):
         xi, yi = x[i:i + nt], y[i:i + nt]
-        kernel(grid=grid, block=(threads, 1, 1), shared_mem=smem,
-               args=[xi, yi, rt["main_sign"], rt["main_member"], rt["main_stats"],
-                     rt["sal_sign"], rt["sal_member"], rt["sal_wgrp"], rt["sal_stats"], rt["sal_cols"],
-                     keep, xi.shape[0], rows, cols, rt["sal_wgrp"].numel(), groups,
-                     cols // bs, bs // (64 if row else 32), float(c), *extra])
+        args = [xi, yi, rt["main_sign"], rt["main_member"], rt["main_stats"],
+                rt["sal_sign"], rt["sal_member"], rt["sal_wgrp"], rt["sal_stats"], rt["sal_cols"],
+                keep, xi.shape[0], rows, cols, rt["sal_wgrp"].numel(), groups,
+                cols // bs, bs // (64 if row else 32), float(c), *extra]
+        if dependent:
+            launch_dependent(kernel, grid, (threads, 1, 1), args, smem)
+        else:
+            kernel(grid=grid, block=(threads, 1, 1), shared_mem=smem, args=args)
     return y
