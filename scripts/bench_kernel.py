@@ -127,12 +127,14 @@ def tune(packs, l2: int, only=None) -> dict:
     tensor-core GEMV (8 and 16) and the codebook GEMV (token buckets 1/4/8/16) by graph time,
     written into ``cuda_lut.TUNED`` / ``cuda_mma.TUNED`` / ``cuda_codebook.TUNED``; ``mm``: the
     Triton tiles' config summed over the shapes at 16 tokens."""
-    sweeps = {"lut": (cuda_lut.TUNED, (1, 4), [dict(warps=w, cb=cb) for w in (2, 4, 8, 16)
-                                                  for cb in (1, 2, 4, 8)]),
+    pdl = (0, 1, 2)  # programmatic dependent launch: none, from the start, after the block loop
+    sweeps = {"lut": (cuda_lut.TUNED, (1, 4), [dict(warps=w, cb=cb, pdl=p) for w in (4, 8, 16)
+                                                  for cb in (1, 2, 4) for p in pdl]),
               "mma": (cuda_mma.TUNED, (8, 16), [dict(ksplit=k) for k in (4, 8, 16)]),
+              # rings deeper than 2 stages never won (kernel_cb_columns_2026-11-29.json)
               "cb": (cuda_codebook.TUNED, cuda_codebook.BUCKETS,
-                     [dict(warps=w, cb=cb, st=st) for w in (4, 8) for cb in (2, 4, 8)
-                      for st in (2, 4, 6)])}
+                     [dict(warps=w, cb=cb, st=2, pdl=p) for w in (4, 8) for cb in (2, 4, 8)
+                      for p in pdl])}
     chosen = {}
     for label, (packed, meta) in packs.items():
         rows, cols = meta["rows"], meta["cols"]

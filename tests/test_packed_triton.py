@@ -232,19 +232,21 @@ def test_codebook_gemv_in_a_graph_after_a_first_call():
 
 @pytest.mark.parametrize("kernel", ["lut", "cb"])
 @pytest.mark.parametrize("graph", [False, True])
-def test_dependent_launches_read_the_previous_output(monkeypatch, kernel, graph):
+@pytest.mark.parametrize("pdl", [1, 2])
+def test_dependent_launches_read_the_previous_output(monkeypatch, kernel, graph, pdl):
     """Programmatic dependent launch (sm_90+): a call starts while the one before it runs, and its
     input is that call's output. In a chain of calls, eager or replayed from a CUDA graph, every
     output matches the reference for the input it was given (a read of x, or a write, before
     ``dep_wait`` would not); after a layer's first call, every launch is a dependent one."""
     from hbllm.packed import nvrtc
 
-    monkeypatch.setitem(cuda_lut.CONFIG, "cb", 2)  # several column chunks: the workspace path
-    monkeypatch.setitem(cuda_codebook.CONFIG, "cb", 2)
+    for config in (cuda_lut.CONFIG, cuda_codebook.CONFIG):
+        monkeypatch.setitem(config, "cb", 2)  # several column chunks: the workspace path
+        monkeypatch.setitem(config, "pdl", pdl)  # the next launch from the start / after the loop
     codes = [random_codes("row", 512, 512, seed=s) for s in (1, 2)]
     mods = [PackedLinear(pack_linear(c), linear_meta(c)).cuda() for c in codes]
     weights = [dequantize(c).double().cuda() for c in codes]
-    x = torch.randn(3, 512, device="cuda", dtype=torch.float16)
+    x = torch.randn(4, 512, device="cuda", dtype=torch.float16)  # one launch a call
     for m in mods:
         m.gemv = kernel
         m(x)  # the first call of a layer is a plain launch

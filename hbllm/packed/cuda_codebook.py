@@ -30,8 +30,10 @@ from . import codebook, nvrtc
 
 MAX_TOKENS = 16
 # Launch config: warps (row tiles) per block, quantization blocks per column chunk, stages of a
-# warp's cp.async ring. CONFIG: the fallback; TUNED per (rows, cols, token bucket: 1, 4, 8 or 16,
-# the smallest that holds the call's tokens), as ``bench_kernel.py --tune cb`` prints it (H200,
+# warp's cp.async ring, programmatic dependent launch (``pdl``, nvrtc.PDL: 0 none, 1 the next
+# kernel may launch from the start of this one, 2 after its block loop; absent: 0). CONFIG: the
+# fallback; TUNED per (rows, cols, token bucket: 1, 4, 8 or 16, the smallest that holds the
+# call's tokens), as ``bench_kernel.py --tune cb`` prints it (H200,
 # 2026-11-29: buckets 1-8 experiments/benchmarks/raw/kernel_cb_columns_2026-11-29.json, 16
 # kernel_cb_vector_2026-11-29.json).
 CONFIG = {"warps": 8, "cb": 4, "st": 2}
@@ -181,7 +183,9 @@ extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
     cp8(d + (NCP + 2) * 32, w1, f0 + 1 < f1);
   };
   // blocks 0 .. ST-2 in flight while the inputs are staged (their salient words need sf: after)
+#if !LATE
   dep_launch();
+#endif
 #pragma unroll
   for (int s = 0; s < ST - 1; ++s)
     if (s < ncb) stage_main(s, cb0 + s);
@@ -315,6 +319,9 @@ extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
       }
     }
   }
+#if LATE
+  dep_launch();
+#endif
   // fragments -> the warp's 32 output rows: element j of n-tile h is row g + 8 (j >> 1) of the
   // MMA tile, token 8h + 2q + (j & 1); salient (and col-layout main) tiles are the low (A) and
   // high (B) rows of pairs g + 8 (j >> 1), output rows 2p, 2p + 1. Plain stores: in each step a
@@ -394,16 +401,17 @@ extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
 """
 
 
-def macros(row: bool, nt: int, bs: int, cb: int, st: int) -> dict:
+def macros(row: bool, nt: int, bs: int, cb: int, st: int, late: bool = False) -> dict:
     """Compile-time constants: layout, tokens a launch (8 or 16), blocksize, blocks per chunk,
-    stages of a warp's cp.async ring (blocks in flight + 1)."""
-    return dict(ROW=int(row), NT=nt, DT=0, BS=bs, CB=cb, SU=nt // 4, ST=st)
+    stages of a warp's cp.async ring (blocks in flight + 1), whether the next kernel may launch
+    only after the block loop (else from the start; :data:`CONFIG`'s ``pdl``)."""
+    return dict(ROW=int(row), NT=nt, DT=0, BS=bs, CB=cb, SU=nt // 4, ST=st, LATE=int(late))
 
 
 @functools.cache
-def _kernel(row: bool, nt: int, bs: int, cb: int, st: int, device: int):
-    name = f"hbllm_cb_{'row' if row else 'col'}_{nt}_{bs}_{cb}_{st}"
-    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bs, cb, st))
+def _kernel(row: bool, nt: int, bs: int, cb: int, st: int, device: int, late: bool = False):
+    name = f"hbllm_cb_{'row' if row else 'col'}_{nt}_{bs}_{cb}_{st}{'_late' if late else ''}"
+    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bs, cb, st, late))
 
 
 @functools.cache
@@ -455,7 +463,8 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
                          "at most 256 threads a block) and st at least 2")
     bs, nb = meta["blocksize"], cols // meta["blocksize"]
     buf = buffers(rt, meta, scratch)
-    kernel = _kernel(meta["layout"] == "row", nt, bs, cb, st, nvrtc.device_index(x.device))
+    pdl = cfg.get("pdl", 0)
+    kernel = _kernel(meta["layout"] == "row", nt, bs, cb, st, nvrtc.device_index(x.device), pdl == 2)
     tiles = (meta["rows"] + 31) // 32
     smax = min(cb * bs // 32, cb * scratch.get("block_sal_words", bs // 32))
     zw = ((cb * bs // 32) | 1) * 32
@@ -467,7 +476,7 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
     y = nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
                      extra=[rt["sal_first"], buf["cb_main"], buf["book_main"], buf["cb_sal"],
                             buf["book_sal"], buf["ws"], buf["cnt"], smax],
-                     pdl=("cb_settled", x.device) in scratch)
+                     pdl=pdl > 0 and ("cb_settled", x.device) in scratch)
     scratch[("cb_settled", x.device)] = True  # this launch followed the buffers' writes: later
     # ones may start early (programmatic dependent launch, nvrtc.PDL)
     return y

@@ -39,7 +39,9 @@ import torch
 from . import nvrtc
 
 MAX_TOKENS = 4
-# Launch config: warps (row tiles of 16 pairs) per block, quantization blocks per column chunk.
+# Launch config: warps (row tiles of 16 pairs) per block, quantization blocks per column chunk,
+# programmatic dependent launch (``pdl``, nvrtc.PDL): 0 none, 1 the next kernel may launch from the
+# start of this one, 2 after its block loop (absent: 0).
 # CONFIG: the fallback, best of ``scripts/bench_kernel.py --tune lut`` summed over the 7B shapes
 # on an H100 with the row-major layout (experiments/benchmarks/RESULTS.md); TUNED: per
 # (rows, cols, tokens a launch), as ``--tune`` prints it for the tiled layout.
@@ -164,7 +166,9 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     k.g1 = k.f0 < k.f1 ? sm[((size_t)t * SW + k.f0) * 32 + lane] : 0u;
   };
   Blk cur, nxt;
+#if !LATE
   dep_launch();
+#endif
   load(cur, cb0);  // in flight while the tables are built
   dep_wait();      // x and the outputs belong to the kernels before this one
   const int sw0 = sfirst[cb0], nsw = sfirst[cb0 + ncb] - sw0;
@@ -212,6 +216,9 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     fold(as, cur.ts, z, zg, zs, zx);
     cur = nxt;
   }
+#if LATE
+  dep_launch();
+#endif
   // lanes -> output rows 2 p0 + lane: (lo + hi, lo - hi) of pair lane / 2 (+ main row)
   float out[NT];
 #pragma unroll
@@ -253,14 +260,19 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
 
 @functools.cache
 def _kernel(row: bool, nt: int, bf16: bool, bs: int, cb: int, mv: int, msv: int, ssv: int,
-            device: int):
-    name = f"hbllm_lut_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}_{cb}_{mv}{msv}{ssv}"
-    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bf16, bs, cb, mv, msv, ssv))
+            device: int, late: bool = False):
+    name = (f"hbllm_lut_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}_{cb}_"
+            f"{mv}{msv}{ssv}{'_late' if late else ''}")
+    return nvrtc.compile_kernel(SOURCE, name, device,
+                                **macros(row, nt, bf16, bs, cb, mv, msv, ssv, late))
 
 
-def macros(row: bool, nt: int, bf16: bool, bs: int, cb: int, mv: int, msv: int, ssv: int) -> dict:
-    """The compile-time constants of one kernel variant (see :func:`variant`)."""
-    return dict(ROW=int(row), NT=nt, DT=int(bf16), BS=bs, CB=cb, MV=mv, MSV=msv, SSV=ssv)
+def macros(row: bool, nt: int, bf16: bool, bs: int, cb: int, mv: int, msv: int, ssv: int,
+           late: bool = False) -> dict:
+    """The compile-time constants of one kernel variant (see :func:`variant`); ``late``: let the
+    next kernel launch after the block loop instead of at the start (:data:`CONFIG`'s ``pdl``)."""
+    return dict(ROW=int(row), NT=nt, DT=int(bf16), BS=bs, CB=cb, MV=mv, MSV=msv, SSV=ssv,
+                LATE=int(late))
 
 
 def variant(rt: dict[str, torch.Tensor], meta: dict, nt: int, bf16: bool, cb: int) -> tuple:
@@ -305,15 +317,16 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
     tiles = (meta["rows"] // 2 + 16 * warps - 1) // (16 * warps)  # blocks of `warps` row tiles
     sc = _scratch(meta, x.device, tiles, scratch)
     nb = cols // bs
+    pdl = cfg.get("pdl", 0)
     kernel = _kernel(*variant(rt, meta, nt, x.dtype == torch.bfloat16, cb),
-                     nvrtc.device_index(x.device))
+                     nvrtc.device_index(x.device), pdl == 2)
     words = cb * bs // 32
     smax = min(words, cb * scratch.get("block_sal_words", bs // 32))  # salient words of a chunk, at most
     smem = 4 * nt * (words + smax) * (8 * 16 + 1) + 4 * smax  # tables, word totals, live nibbles
     grid = (tiles, (nb + cb - 1) // cb, 1)
     y = nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
                      extra=[rt["sal_first"], sc["ws"], sc["cnt"], smax],
-                     pdl=("lut_settled", x.device) in scratch)
+                     pdl=pdl > 0 and ("lut_settled", x.device) in scratch)
     scratch[("lut_settled", x.device)] = True  # this launch followed the buffers' writes: later
     # ones may start early (programmatic dependent launch, nvrtc.PDL)
     return y
