@@ -127,14 +127,18 @@ def tune(packs, l2: int, only=None) -> dict:
     tensor-core GEMV (8 and 16) and the codebook GEMV (token buckets 1/4/8/16) by graph time,
     written into ``cuda_lut.TUNED`` / ``cuda_mma.TUNED`` / ``cuda_codebook.TUNED``; ``mm``: the
     Triton tiles' config summed over the shapes at 16 tokens."""
-    pdl = (0, 1, 2)  # programmatic dependent launch: none, from the start, after the block loop
-    sweeps = {"lut": (cuda_lut.TUNED, (1, 4), [dict(warps=w, cb=cb, pdl=p) for w in (4, 8, 16)
-                                                  for cb in (1, 2, 4) for p in pdl]),
+    # programmatic dependent launch: the next kernel from the start (1) or after the block loop
+    # (2); none (0) never won (kernel_pdl_tuned_2026-11-29.json). Chunks of 3, 5 or 6 blocks can
+    # fill the GPU in one wave where 2, 4 and 8 take 1.3 (16 tokens: 2 blocks of 256 threads an SM).
+    # The lookup tables only at 1 token: at 4 the codebook GEMV is twice as fast.
+    pdl = (1, 2)
+    sweeps = {"lut": (cuda_lut.TUNED, (1,), [dict(warps=w, cb=cb, pdl=p) for w in (4, 8, 16)
+                                                  for cb in (1, 2, 3, 4, 6) for p in pdl]),
               "mma": (cuda_mma.TUNED, (8, 16), [dict(ksplit=k) for k in (4, 8, 16)]),
               # rings deeper than 2 stages never won (kernel_cb_columns_2026-11-29.json)
               "cb": (cuda_codebook.TUNED, cuda_codebook.BUCKETS,
-                     [dict(warps=w, cb=cb, st=2, pdl=p) for w in (4, 8) for cb in (2, 4, 8)
-                      for p in pdl])}
+                     [dict(warps=w, cb=cb, st=2, pdl=p) for w in (4, 8)
+                      for cb in (2, 3, 4, 5, 6, 8) for p in pdl])}
     chosen = {}
     for label, (packed, meta) in packs.items():
         rows, cols = meta["rows"], meta["cols"]
