@@ -123,7 +123,7 @@ def set_kernel(mods, kernel: str) -> None:
 
 
 def tune(packs, l2: int, only=None) -> dict:
-    """Per shape, the launch config of the lookup-table GEMV (1 and 4 tokens a launch), the +-1
+    """Per shape, the launch config of the lookup-table GEMV (1 token a launch), the +-1
     tensor-core GEMV (8 and 16) and the codebook GEMV (token buckets 1/4/8/16) by graph time,
     written into ``cuda_lut.TUNED`` / ``cuda_mma.TUNED`` / ``cuda_codebook.TUNED``; ``mm``: the
     Triton tiles' config summed over the shapes at 16 tokens."""
