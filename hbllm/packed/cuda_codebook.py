@@ -380,22 +380,29 @@ extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
   if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1u) == gridDim.y - 1;
   if (!__syncthreads_or(last)) return;
   __threadfence();
+  // every token's sum is read before any output is written: the reads are in flight together
+  // (a store between them would chain one L2 round trip per token)
+  float v[NT];
 #if VEC
-  if (mine)
-    for (int n = 0; n < N; n += 4) {
-      float* w = ws + (size_t)row * 16 + n;
-      float v[4];
-      asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
-                   : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3]) : "l"(w) : "memory");
-      asm volatile("st.global.cg.v4.f32 [%0], {%1, %1, %1, %1};" :: "l"(w), "f"(0.f) : "memory");
 #pragma unroll
-      for (int k = 0; k < 4; ++k)
-        if (n + k < N) y[(size_t)(n + k) * R + row] = st(v[k]);
-    }
+  for (int n = 0; n < NT; n += 4)
+    if (mine && n < N)
+      asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
+                   : "=f"(v[n]), "=f"(v[n + 1]), "=f"(v[n + 2]), "=f"(v[n + 3])
+                   : "l"(ws + (size_t)row * 16 + n) : "memory");
+#pragma unroll
+  for (int n = 0; n < NT; n += 4)
+    if (mine && n < N)
+      asm volatile("st.global.cg.v4.f32 [%0], {%1, %1, %1, %1};"
+                   :: "l"(ws + (size_t)row * 16 + n), "f"(0.f) : "memory");
 #else
-  if (mine)
-    for (int n = 0; n < N; ++n) y[(size_t)n * R + row] = st(atomicExch(ws + (size_t)n * R + row, 0.f));
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+    if (mine && n < N) v[n] = atomicExch(ws + (size_t)n * R + row, 0.f);
 #endif
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+    if (mine && n < N) y[(size_t)n * R + row] = st(v[n]);
   if (threadIdx.x == 0) cnt[blockIdx.x] = 0u;
 }
 """

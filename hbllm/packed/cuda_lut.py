@@ -250,9 +250,11 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1u) == gridDim.y - 1;
   if (!__syncthreads_or(last)) return;
   __threadfence();
-  if (row < R)
+  float v[NT];  // all tokens' sums read before any output is written (reads in flight together)
 #pragma unroll
-    for (int n = 0; n < NT; ++n) if (n < N) y[(size_t)n * R + row] = st(atomicExch(ws + (size_t)n * R + row, 0.f));
+  for (int n = 0; n < NT; ++n) if (row < R && n < N) v[n] = atomicExch(ws + (size_t)n * R + row, 0.f);
+#pragma unroll
+  for (int n = 0; n < NT; ++n) if (row < R && n < N) y[(size_t)n * R + row] = st(v[n]);
   if (threadIdx.x == 0) cnt[blockIdx.x] = 0u;
 }
 """
