@@ -127,11 +127,12 @@ def tune(packs, l2: int, only=None) -> dict:
     tensor-core GEMV (8 and 16) and the codebook GEMV (token buckets 1/4/8/16) by graph time,
     written into ``cuda_lut.TUNED`` / ``cuda_mma.TUNED`` / ``cuda_codebook.TUNED``; ``mm``: the
     Triton tiles' config summed over the shapes at 16 tokens."""
-    # programmatic dependent launch: the next kernel from the start (1) or after the block loop
-    # (2); none (0) never won (kernel_pdl_tuned_2026-11-29.json). Chunks of 3, 5 or 6 blocks can
-    # fill the GPU in one wave where 2, 4 and 8 take 1.3 (16 tokens: 2 blocks of 256 threads an SM).
+    # programmatic dependent launch: the next kernel from the start (1), after the block loop (2)
+    # or after the first block (3); none (0) never won (kernel_pdl_tuned_2026-11-29.json). Chunks
+    # of 3, 5 or 6 blocks can fill the GPU in one wave where 2, 4 and 8 take 1.3 (16 tokens: 2
+    # blocks of 256 threads an SM).
     # The lookup tables only at 1 token: at 4 the codebook GEMV is twice as fast.
-    pdl = (1, 2)
+    pdl = (1, 2, 3)
     sweeps = {"lut": (cuda_lut.TUNED, (1,), [dict(warps=w, cb=cb, pdl=p) for w in (4, 8, 16)
                                                   for cb in (1, 2, 3, 4, 6) for p in pdl]),
               "mma": (cuda_mma.TUNED, (8, 16), [dict(ksplit=k) for k in (4, 8, 16)]),

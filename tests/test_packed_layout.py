@@ -163,13 +163,14 @@ def _compile_ptx(source: str) -> str:
 def test_cuda_sources_compile_for_sm90():
     """Every kernel variant the runtime can ask for compiles without warnings (CPU: NVRTC only),
     the tiled loads are 16-byte vectors where the layout allows them, and the lookup-table and
-    codebook GEMVs take part in programmatic dependent launch (either trigger position)."""
+    codebook GEMVs take part in programmatic dependent launch (each trigger position)."""
     for row in (True, False):
         for bs, cb, msv, ssv in ((128, 2, 2, 2), (128, 1, 1, 1), (64, 4, 2, 1), (64, 1, 1, 2)):
             mv = word_vec(bs // 32)
-            for nt, bf16 in ((1, False), (4, True)):
+            for i, (nt, bf16) in enumerate(((1, False), (4, True))):
+                trig = 1 + (i + bs // 64) % 3  # each trigger position at some blocksize
                 ptx = _compile_ptx(nvrtc.full_source(cuda_lut.SOURCE, "k", **cuda_lut.macros(
-                    row, nt, bf16, bs, cb, mv, msv, ssv, late=nt == 4)))
+                    row, nt, bf16, bs, cb, mv, msv, ssv, trig)))
                 assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
                 # 16-byte loads: 4 words a lane, or a row-layout block's two statistics groups
                 assert (".v4.u32" in ptx) == (mv == 4 or (row and msv == 2))
@@ -177,9 +178,10 @@ def test_cuda_sources_compile_for_sm90():
                 ptx = _compile_ptx(nvrtc.full_source(cuda_mma.SOURCE, "k", **cuda_mma.macros(
                     row, nt, bf16, bs, mv, msv, ssv)))
                 assert "mma.sync.aligned.m16n8k16" in ptx
-            for nt, st in ((8, 2), (16, 5)):
+            for i, (nt, st) in enumerate(((8, 2), (16, 5))):
+                trig = 1 + (i + bs // 64) % 3
                 ptx = _compile_ptx(nvrtc.full_source(cuda_codebook.SOURCE, "k", **cuda_codebook.macros(
-                    row, nt, bs, cb, st, late=nt == 16)))
+                    row, nt, bs, cb, st, trig)))
                 assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
                 assert "mma.sync.aligned.m16n8k16" in ptx and "prmt.b32" in ptx
                 assert "cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx

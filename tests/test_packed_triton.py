@@ -232,7 +232,7 @@ def test_codebook_gemv_in_a_graph_after_a_first_call():
 
 @pytest.mark.parametrize("kernel", ["lut", "cb"])
 @pytest.mark.parametrize("graph", [False, True])
-@pytest.mark.parametrize("pdl", [1, 2])
+@pytest.mark.parametrize("pdl", [1, 2, 3])
 def test_dependent_launches_read_the_previous_output(monkeypatch, kernel, graph, pdl):
     """Programmatic dependent launch (sm_90+): a call starts while the one before it runs, and its
     input is that call's output. In a chain of calls, eager or replayed from a CUDA graph, every
@@ -242,7 +242,7 @@ def test_dependent_launches_read_the_previous_output(monkeypatch, kernel, graph,
 
     for config in (cuda_lut.CONFIG, cuda_codebook.CONFIG):
         monkeypatch.setitem(config, "cb", 2)  # several column chunks: the workspace path
-        monkeypatch.setitem(config, "pdl", pdl)  # the next launch from the start / after the loop
+        monkeypatch.setitem(config, "pdl", pdl)  # the next launch from the start / end / block 1
     codes = [random_codes("row", 512, 512, seed=s) for s in (1, 2)]
     mods = [PackedLinear(pack_linear(c), linear_meta(c)).cuda() for c in codes]
     weights = [dequantize(c).double().cuda() for c in codes]

@@ -31,7 +31,8 @@ from . import codebook, nvrtc
 MAX_TOKENS = 16
 # Launch config: warps (row tiles) per block, quantization blocks per column chunk, stages of a
 # warp's cp.async ring, programmatic dependent launch (``pdl``, nvrtc.PDL: 0 none, 1 the next
-# kernel may launch from the start of this one, 2 after its block loop; absent: 0). CONFIG: the
+# kernel may launch from the start of this one, 2 after its block loop, 3 after its first block;
+# absent: 0). CONFIG: the
 # fallback; TUNED per (rows, cols, token bucket: 1, 4, 8 or 16, the smallest that holds the
 # call's tokens), as ``bench_kernel.py --tune cb`` prints it (H200,
 # 2026-11-29: buckets 1-8 experiments/benchmarks/raw/kernel_cb_columns_2026-11-29.json, 16
@@ -183,7 +184,7 @@ extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
     cp8(d + (NCP + 2) * 32, w1, f0 + 1 < f1);
   };
   // blocks 0 .. ST-2 in flight while the inputs are staged (their salient words need sf: after)
-#if !LATE
+#if TRIG == 1
   dep_launch();
 #endif
 #pragma unroll
@@ -318,8 +319,11 @@ extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
         word(as, cw.x, cw.y, bz, bk);
       }
     }
+#if TRIG == 3
+    if (b == 0) dep_launch();
+#endif
   }
-#if LATE
+#if TRIG == 2
   dep_launch();
 #endif
   // fragments -> the warp's 32 output rows: element j of n-tile h is row g + 8 (j >> 1) of the
@@ -408,17 +412,17 @@ extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
 """
 
 
-def macros(row: bool, nt: int, bs: int, cb: int, st: int, late: bool = False) -> dict:
+def macros(row: bool, nt: int, bs: int, cb: int, st: int, trig: int = 1) -> dict:
     """Compile-time constants: layout, tokens a launch (8 or 16), blocksize, blocks per chunk,
-    stages of a warp's cp.async ring (blocks in flight + 1), whether the next kernel may launch
-    only after the block loop (else from the start; :data:`CONFIG`'s ``pdl``)."""
-    return dict(ROW=int(row), NT=nt, DT=0, BS=bs, CB=cb, SU=nt // 4, ST=st, LATE=int(late))
+    stages of a warp's cp.async ring (blocks in flight + 1), where the next kernel may launch
+    (:data:`CONFIG`'s ``pdl``: 1 at the start, 2 after the block loop, 3 after the first block)."""
+    return dict(ROW=int(row), NT=nt, DT=0, BS=bs, CB=cb, SU=nt // 4, ST=st, TRIG=trig)
 
 
 @functools.cache
-def _kernel(row: bool, nt: int, bs: int, cb: int, st: int, device: int, late: bool = False):
-    name = f"hbllm_cb_{'row' if row else 'col'}_{nt}_{bs}_{cb}_{st}{'_late' if late else ''}"
-    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bs, cb, st, late))
+def _kernel(row: bool, nt: int, bs: int, cb: int, st: int, device: int, trig: int = 1):
+    name = f"hbllm_cb_{'row' if row else 'col'}_{nt}_{bs}_{cb}_{st}_t{trig}"
+    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, nt, bs, cb, st, trig))
 
 
 @functools.cache
@@ -471,7 +475,8 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
     bs, nb = meta["blocksize"], cols // meta["blocksize"]
     buf = buffers(rt, meta, scratch)
     pdl = cfg.get("pdl", 0)
-    kernel = _kernel(meta["layout"] == "row", nt, bs, cb, st, nvrtc.device_index(x.device), pdl == 2)
+    kernel = _kernel(meta["layout"] == "row", nt, bs, cb, st, nvrtc.device_index(x.device),
+                     max(pdl, 1))
     tiles = (meta["rows"] + 31) // 32
     smax = min(cb * bs // 32, cb * scratch.get("block_sal_words", bs // 32))
     zw = ((cb * bs // 32) | 1) * 32

@@ -41,7 +41,7 @@ from . import nvrtc
 MAX_TOKENS = 4
 # Launch config: warps (row tiles of 16 pairs) per block, quantization blocks per column chunk,
 # programmatic dependent launch (``pdl``, nvrtc.PDL): 0 none, 1 the next kernel may launch from the
-# start of this one, 2 after its block loop (absent: 0).
+# start of this one, 2 after its block loop, 3 after its first block (absent: 0).
 # CONFIG: the fallback, best of ``scripts/bench_kernel.py --tune lut`` summed over the 7B shapes
 # on an H100 with the row-major layout (experiments/benchmarks/RESULTS.md); TUNED: per
 # (rows, cols, tokens a launch), as ``--tune`` prints it for the tiled layout.
@@ -166,7 +166,7 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     k.g1 = k.f0 < k.f1 ? sm[((size_t)t * SW + k.f0) * 32 + lane] : 0u;
   };
   Blk cur, nxt;
-#if !LATE
+#if TRIG == 1
   dep_launch();
 #endif
   load(cur, cb0);  // in flight while the tables are built
@@ -215,8 +215,11 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     }
     fold(as, cur.ts, z, zg, zs, zx);
     cur = nxt;
+#if TRIG == 3
+    if (b == 0) dep_launch();
+#endif
   }
-#if LATE
+#if TRIG == 2
   dep_launch();
 #endif
   // lanes -> output rows 2 p0 + lane: (lo + hi, lo - hi) of pair lane / 2 (+ main row)
@@ -262,19 +265,20 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
 
 @functools.cache
 def _kernel(row: bool, nt: int, bf16: bool, bs: int, cb: int, mv: int, msv: int, ssv: int,
-            device: int, late: bool = False):
+            device: int, trig: int = 1):
     name = (f"hbllm_lut_{'row' if row else 'col'}_{nt}_{'bf16' if bf16 else 'fp16'}_{bs}_{cb}_"
-            f"{mv}{msv}{ssv}{'_late' if late else ''}")
+            f"{mv}{msv}{ssv}_t{trig}")
     return nvrtc.compile_kernel(SOURCE, name, device,
-                                **macros(row, nt, bf16, bs, cb, mv, msv, ssv, late))
+                                **macros(row, nt, bf16, bs, cb, mv, msv, ssv, trig))
 
 
 def macros(row: bool, nt: int, bf16: bool, bs: int, cb: int, mv: int, msv: int, ssv: int,
-           late: bool = False) -> dict:
-    """The compile-time constants of one kernel variant (see :func:`variant`); ``late``: let the
-    next kernel launch after the block loop instead of at the start (:data:`CONFIG`'s ``pdl``)."""
+           trig: int = 1) -> dict:
+    """The compile-time constants of one kernel variant (see :func:`variant`); ``trig``: where the
+    next kernel may launch (:data:`CONFIG`'s ``pdl``: 1 at the start, 2 after the block loop, 3
+    after the first block)."""
     return dict(ROW=int(row), NT=nt, DT=int(bf16), BS=bs, CB=cb, MV=mv, MSV=msv, SSV=ssv,
-                LATE=int(late))
+                TRIG=trig)
 
 
 def variant(rt: dict[str, torch.Tensor], meta: dict, nt: int, bf16: bool, cb: int) -> tuple:
@@ -321,7 +325,7 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
     nb = cols // bs
     pdl = cfg.get("pdl", 0)
     kernel = _kernel(*variant(rt, meta, nt, x.dtype == torch.bfloat16, cb),
-                     nvrtc.device_index(x.device), pdl == 2)
+                     nvrtc.device_index(x.device), max(pdl, 1))
     words = cb * bs // 32
     smax = min(words, cb * scratch.get("block_sal_words", bs // 32))  # salient words of a chunk, at most
     smem = 4 * nt * (words + smax) * (8 * 16 + 1) + 4 * smax  # tables, word totals, live nibbles
