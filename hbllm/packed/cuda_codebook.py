@@ -32,20 +32,25 @@ MAX_TOKENS = 16
 # Launch config: warps (row tiles) per block, quantization blocks per column chunk, stages of a
 # warp's cp.async ring, programmatic dependent launch (``pdl``, nvrtc.PDL: 0 none, 1 the next
 # kernel may launch from the start of this one, 2 after its block loop, 3 after its first block;
-# absent: 0). CONFIG: the
-# fallback; TUNED per (rows, cols, token bucket: 1, 4, 8 or 16, the smallest that holds the
-# call's tokens), as ``bench_kernel.py --tune cb`` prints it (H200,
-# 2026-11-29: buckets 1-8 experiments/benchmarks/raw/kernel_cb_columns_2026-11-29.json, 16
-# kernel_cb_vector_2026-11-29.json).
-CONFIG = {"warps": 8, "cb": 4, "st": 2}
+# absent: 0). TUNED per (rows, cols, token bucket: 1, 4, 8 or 16, the smallest that holds the
+# call's tokens), as ``bench_kernel.py --tune cb`` prints it; CONFIG, the fallback, is the config
+# closest to each entry's best (mean time / best). H200, 2026-11-29:
+# experiments/benchmarks/raw/kernel_pdl_trig_2026-11-29.json.
+CONFIG = {"warps": 8, "cb": 4, "st": 2, "pdl": 3}
 BUCKETS = (1, 4, 8, 16)
 TUNED: dict[tuple, dict] = {
-    (4096, 4096, 1): {"warps": 8, "cb": 2, "st": 2}, (4096, 4096, 4): {"warps": 4, "cb": 2, "st": 2},
-    (4096, 4096, 8): {"warps": 8, "cb": 2, "st": 2}, (4096, 4096, 16): {"warps": 4, "cb": 4, "st": 2},
-    (11008, 4096, 1): {"warps": 8, "cb": 4, "st": 2}, (11008, 4096, 4): {"warps": 8, "cb": 4, "st": 2},
-    (11008, 4096, 8): {"warps": 8, "cb": 4, "st": 2}, (11008, 4096, 16): {"warps": 8, "cb": 4, "st": 2},
-    (4096, 11008, 1): {"warps": 8, "cb": 4, "st": 2}, (4096, 11008, 4): {"warps": 8, "cb": 4, "st": 2},
-    (4096, 11008, 8): {"warps": 8, "cb": 4, "st": 2}, (4096, 11008, 16): {"warps": 8, "cb": 4, "st": 2},
+    (4096, 4096, 1): {"warps": 8, "cb": 4, "st": 2, "pdl": 3},
+    (4096, 4096, 4): {"warps": 8, "cb": 4, "st": 2, "pdl": 3},
+    (4096, 4096, 8): {"warps": 8, "cb": 4, "st": 2, "pdl": 3},
+    (4096, 4096, 16): {"warps": 8, "cb": 4, "st": 2, "pdl": 2},
+    (11008, 4096, 1): {"warps": 8, "cb": 4, "st": 2, "pdl": 1},
+    (11008, 4096, 4): {"warps": 8, "cb": 4, "st": 2, "pdl": 3},
+    (11008, 4096, 8): {"warps": 8, "cb": 4, "st": 2, "pdl": 3},
+    (11008, 4096, 16): {"warps": 8, "cb": 6, "st": 2, "pdl": 2},
+    (4096, 11008, 1): {"warps": 4, "cb": 2, "st": 2, "pdl": 1},
+    (4096, 11008, 4): {"warps": 8, "cb": 4, "st": 2, "pdl": 3},
+    (4096, 11008, 8): {"warps": 8, "cb": 4, "st": 2, "pdl": 1},
+    (4096, 11008, 16): {"warps": 8, "cb": 6, "st": 2, "pdl": 3},
 }
 
 SOURCE = r"""

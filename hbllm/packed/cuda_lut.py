@@ -42,14 +42,16 @@ MAX_TOKENS = 4
 # Launch config: warps (row tiles of 16 pairs) per block, quantization blocks per column chunk,
 # programmatic dependent launch (``pdl``, nvrtc.PDL): 0 none, 1 the next kernel may launch from the
 # start of this one, 2 after its block loop, 3 after its first block (absent: 0).
-# CONFIG: the fallback, best of ``scripts/bench_kernel.py --tune lut`` summed over the 7B shapes
-# on an H100 with the row-major layout (experiments/benchmarks/RESULTS.md); TUNED: per
-# (rows, cols, tokens a launch), as ``--tune`` prints it for the tiled layout.
-CONFIG = {"warps": 4, "cb": 2}
-TUNED: dict[tuple, dict] = {  # H200, 2026-11-29 (experiments/benchmarks/raw/kernel_loop_2026-11-29.json)
-    (4096, 4096, 1): {"warps": 16, "cb": 1}, (4096, 4096, 4): {"warps": 8, "cb": 2},
-    (11008, 4096, 1): {"warps": 8, "cb": 4}, (11008, 4096, 4): {"warps": 4, "cb": 1},
-    (4096, 11008, 1): {"warps": 8, "cb": 4}, (4096, 11008, 4): {"warps": 8, "cb": 1},
+# CONFIG: the fallback, the config closest to each shape's best (mean time / best) in
+# ``scripts/bench_kernel.py --tune lut`` over the 7B shapes at 1 token; TUNED: per (rows, cols,
+# tokens a launch), as ``--tune`` prints it. H200, 2026-11-29: 1 token
+# experiments/benchmarks/raw/kernel_pdl_trig_2026-11-29.json; 4 tokens (never chosen: the codebook
+# GEMV is twice as fast there) kernel_loop_2026-11-29.json.
+CONFIG = {"warps": 8, "cb": 3, "pdl": 1}
+TUNED: dict[tuple, dict] = {
+    (4096, 4096, 1): {"warps": 4, "cb": 2, "pdl": 2}, (4096, 4096, 4): {"warps": 8, "cb": 2},
+    (11008, 4096, 1): {"warps": 16, "cb": 3, "pdl": 3}, (11008, 4096, 4): {"warps": 4, "cb": 1},
+    (4096, 11008, 1): {"warps": 16, "cb": 3, "pdl": 1}, (4096, 11008, 4): {"warps": 8, "cb": 1},
 }
 
 SOURCE = r"""
