@@ -35,11 +35,11 @@ from packed_synthetic import random_codes  # noqa: E402
 
 WORD = "word(cur.s[i], cur.g[i], tm + (b * WPB + i) * 128, tmw + b * WPB + i, POS * 16, WC, z, zg, zs, zx);"
 SAL = "word(sw, gw, tsl + (w - sw0) * 128, tsw + (w - sw0), SMAX * 128, SMAX, z, zg, zs, zx, tsn[w - sw0]);"
-LOAD = "load(nxt, cb0 + min(b + 1, ncb - 1), true);"
+LOAD = "load(nxt, cb0 + min(b + 1, ncb - 1));"
 PATCHES = {
     "full": [],
     "loads": [(WORD, "z[0] += (float)(cur.s[i] ^ cur.g[i]);"), (SAL, "z[0] += (float)(sw ^ gw);")],
-    "cached": [(LOAD, "load(nxt, cb0 + ((b + 1) & 1) * (ncb > 1), true);")],
+    "cached": [(LOAD, "load(nxt, cb0 + ((b + 1) & 1) * (ncb > 1));")],
     "nosal": [(SAL, "")],
     "notables": [("  tables(tm, tmw,", "  if (0) tables(tm, tmw,"),
                  ("  tables(tsl, tsw,", "  if (0) tables(tsl, tsw,")],

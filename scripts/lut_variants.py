@@ -25,12 +25,12 @@ from lut_anatomy import lut_layers, patched, set_source  # noqa: E402
 
 from hbllm.packed import cuda_lut  # noqa: E402
 
-LOAD = "load(nxt, cb0 + min(b + 1, ncb - 1), true);"
+LOAD = "load(nxt, cb0 + min(b + 1, ncb - 1));"
 PATCHES = {
     "base": [],
     "pf2": [("Blk cur, nxt;", "Blk cur, nxt, nx2;"),
-            ("load(cur, cb0, false);", "load(cur, cb0, false); load(nxt, cb0 + min(1, ncb - 1), false);"),
-            (LOAD, "load(nx2, cb0 + min(b + 2, ncb - 1), true);"), ("cur = nxt;", "cur = nxt; nxt = nx2;")],
+            ("load(cur, cb0);", "load(cur, cb0); load(nxt, cb0 + min(1, ncb - 1));"),
+            (LOAD, "load(nx2, cb0 + min(b + 2, ncb - 1));"), ("cur = nxt;", "cur = nxt; nxt = nx2;")],
     "unroll2": [("#pragma unroll 1\n  for (int b = 0;", "#pragma unroll 2\n  for (int b = 0;")],
     "lb5": [("__launch_bounds__(512)", "__launch_bounds__(256, 5)")],
 }

@@ -137,7 +137,6 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   float* tmw = tsl + NT * SMAX * 128;           // [NT][WC] main word totals
   float* tsw = tmw + NT * WC;                   // [NT][SMAX] salient word totals
   int* tsn = reinterpret_cast<int*>(tsw + NT * SMAX);  // [SMAX] live nibbles of a salient word
-  int* sfs = tsn + SMAX;                         // [CB + 1] the chunk's sfirst (blocks' salient words)
   const float c = (float)cd;
   const int lane = threadIdx.x & 31, W = C >> 5;
   const int tw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);  // row tile of the warp
@@ -146,9 +145,8 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   const int cb0 = blockIdx.y * CB, ncb = min(CB, NB - cb0);
   const int nw = ncb * WPB;  // main words of the chunk
   // block a's words and statistics for this lane (tiled layout: a warp's load is consecutive
-  // memory; tiles past the band hold zeros); its salient words' range from sfirst, or from its
-  // copy in shared memory once that is there (one dependent global load less)
-  auto load = [&](Blk& k, int a, bool copied) {
+  // memory; tiles past the band hold zeros)
+  auto load = [&](Blk& k, int a) {
 #pragma unroll
     for (int i = 0; i < WPB; i += MV) {
       const size_t at = ((size_t)t * (W / MV) + (a * WPB + i) / MV) * 32 + lane;
@@ -164,8 +162,8 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     for (int j = 0; j < GPB; ++j) k.tg[j] = mst[tidx(t, a * GPB + j, lane, G, MSV)];
 #endif
     k.ts = sst[tidx(t, a, lane, NB, SSV)];
-    k.f0 = copied ? sfs[a - cb0] : sfirst[a];
-    k.f1 = copied ? sfs[a - cb0 + 1] : sfirst[a + 1];
+    k.f0 = sfirst[a];
+    k.f1 = sfirst[a + 1];
     k.s1 = k.f0 < k.f1 ? ss[((size_t)t * SW + k.f0) * 32 + lane] : 0u;
     k.g1 = k.f0 < k.f1 ? sm[((size_t)t * SW + k.f0) * 32 + lane] : 0u;
   };
@@ -173,7 +171,7 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
 #if TRIG == 1
   dep_launch();
 #endif
-  load(cur, cb0, false);  // in flight while the tables are built
+  load(cur, cb0);  // in flight while the tables are built
   dep_wait();      // x and the outputs belong to the kernels before this one
   const int sw0 = sfirst[cb0], nsw = sfirst[cb0 + ncb] - sw0;
   // tables: main inputs of the chunk (row layout: the Haar domain), x at its salient slots
@@ -193,7 +191,6 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     const int col = sc[sw0 * 32 + j];
     return col >= 0 ? ld(x[(size_t)n * C + col]) : 0.f;
   });
-  for (int q = threadIdx.x; q <= ncb; q += blockDim.x) sfs[q] = sfirst[cb0 + q];
   for (int q = threadIdx.x; q < nsw; q += blockDim.x) {
     int k = 0;
 #pragma unroll
@@ -207,7 +204,7 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   // one block at a time, the next one's loads in flight
 #pragma unroll 1
   for (int b = 0; b < ncb; ++b) {
-    load(nxt, cb0 + min(b + 1, ncb - 1), true);  // (no branch: the loads issue before the work)
+    load(nxt, cb0 + min(b + 1, ncb - 1));  // (no branch: the loads issue before the work)
 #pragma unroll
     for (int i = 0; i < WPB; ++i) {
       word(cur.s[i], cur.g[i], tm + (b * WPB + i) * 128, tmw + b * WPB + i, POS * 16, WC, z, zg, zs, zx);
@@ -333,8 +330,7 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
                      nvrtc.device_index(x.device), max(pdl, 1))
     words = cb * bs // 32
     smax = min(words, cb * scratch.get("block_sal_words", bs // 32))  # salient words of a chunk, at most
-    smem = 4 * nt * (words + smax) * (8 * 16 + 1) + 4 * smax + 4 * (cb + 1)  # tables, word totals,
-    # live nibbles, the chunk's salient word offsets
+    smem = 4 * nt * (words + smax) * (8 * 16 + 1) + 4 * smax  # tables, word totals, live nibbles
     grid = (tiles, (nb + cb - 1) // cb, 1)
     y = nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
                      extra=[rt["sal_first"], sc["ws"], sc["cnt"], smax],
