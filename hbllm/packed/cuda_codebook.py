@@ -490,10 +490,8 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
     ring = 16 * warps * st * (bs // 64 + 3) * 32
     smem = ring + 2 * nt * (zw + zsw) + 4 * warps * 32 * 8 * ntile + 4 * (cb + 1)
     grid = ((tiles + warps - 1) // warps, (nb + cb - 1) // cb, 1)
-    y = nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
-                     extra=[rt["sal_first"], buf["cb_main"], buf["book_main"], buf["cb_sal"],
-                            buf["book_sal"], buf["ws"], buf["cnt"], smax],
-                     pdl=pdl > 0 and ("cb_settled", x.device) in scratch)
-    scratch[("cb_settled", x.device)] = True  # this launch followed the buffers' writes: later
-    # ones may start early (programmatic dependent launch, nvrtc.PDL)
-    return y
+    after_first = nvrtc.settled(scratch, ("cb", x.device))
+    return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
+                        extra=[rt["sal_first"], buf["cb_main"], buf["book_main"], buf["cb_sal"],
+                               buf["book_sal"], buf["ws"], buf["cnt"], smax],
+                        pdl=pdl > 0 and after_first)

@@ -332,9 +332,7 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
     smax = min(words, cb * scratch.get("block_sal_words", bs // 32))  # salient words of a chunk, at most
     smem = 4 * nt * (words + smax) * (8 * 16 + 1) + 4 * smax  # tables, word totals, live nibbles
     grid = (tiles, (nb + cb - 1) // cb, 1)
-    y = nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
-                     extra=[rt["sal_first"], sc["ws"], sc["cnt"], smax],
-                     pdl=pdl > 0 and ("lut_settled", x.device) in scratch)
-    scratch[("lut_settled", x.device)] = True  # this launch followed the buffers' writes: later
-    # ones may start early (programmatic dependent launch, nvrtc.PDL)
-    return y
+    after_first = nvrtc.settled(scratch, ("lut", x.device))
+    return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
+                        extra=[rt["sal_first"], sc["ws"], sc["cnt"], smax],
+                        pdl=pdl > 0 and after_first)

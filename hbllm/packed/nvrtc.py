@@ -185,6 +185,15 @@ def pdl_supported(device: int) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9 and hasattr(lib, "cuLaunchKernelEx")
 
 
+def settled(scratch: dict, key) -> bool:
+    """Whether ``key`` (a kernel on a device) has launched before for the layer that keeps
+    ``scratch``; records that it has now. A layer's first launch follows the writes of its
+    buffers by other kernels, so only later ones may start early (``pdl=True``)."""
+    before = ("settled", key) in scratch
+    scratch[("settled", key)] = True
+    return before
+
+
 def launch_dependent(kernel, grid: tuple, block: tuple, args: Sequence, smem: int) -> None:
     """``kernel(grid=..., block=..., args=..., shared_mem=...)`` on the current stream, with the
     programmatic-stream-serialization attribute (the kernel must call ``dep_wait()``)."""
