@@ -21,6 +21,7 @@ again without.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -115,6 +116,16 @@ def module_bytes(mod) -> int:
 
 def copies(make, nbytes: int, l2: int):
     return [make() for _ in range(max(2, math.ceil(2 * l2 / nbytes)))]
+
+
+@contextlib.contextmanager
+def plain_launches():
+    """Within: no programmatic dependent launch (``nvrtc.PDL``), restored afterwards."""
+    before, nvrtc.PDL = nvrtc.PDL, False
+    try:
+        yield
+    finally:
+        nvrtc.PDL = before
 
 
 def set_kernel(mods, kernel: str) -> None:
@@ -225,9 +236,8 @@ def bench_layers(packs, codes, bw: float, l2: int) -> list:
             x = torch.randn(batch, cols, device="cuda", dtype=torch.float16)
             err = rel_err(pk[0](x), x.double() @ w_ref.T)
             t_pk = graph_time_us(pk, x)
-            nvrtc.PDL = False  # the same kernels in plain stream order
-            t_plain = graph_time_us(pk, x)
-            nvrtc.PDL = True
+            with plain_launches():  # the same kernels in plain stream order
+                t_plain = graph_time_us(pk, x)
             first = pk[0]
             t_eager = 1e3 * do_bench(lambda: first(x), rep=100, return_mode="median")  # noqa: B023
             f, io = found[batch], 2 * batch * (rows + cols)
@@ -308,30 +318,30 @@ def bench_7b(packs) -> dict:
     except Exception as exc:  # report, keep going: the eager number stands
         out["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
     by_shape = {(m["rows"], m["cols"]): (p, m) for p, m in packs.values()}
-    linear_bytes = 0
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, mod in list(parent.named_children()):
-                if isinstance(mod, torch.nn.Linear):
-                    packed, meta = by_shape[tuple(mod.weight.shape)]
-                    setattr(parent, name, PackedLinear(packed, meta, device="cuda"))
-                    linear_bytes += tensor_bytes(packed)
+    replace_decoder_linears(model, torch.nn.Linear,
+                            lambda mod: PackedLinear(*by_shape[tuple(mod.weight.shape)], device="cuda"))
+    linear_bytes = sum(tensor_bytes(m.packed) for m in model.modules() if isinstance(m, PackedLinear))
     torch.cuda.empty_cache()
     rest = sum(p.numel() * p.element_size() for n, p in model.named_parameters())
     out.update(packed_linear_GB=linear_bytes / 1e9, fp16_rest_GB=rest / 1e9,
                packed_eager_tok_s=decode_tps(model))
     if "graph_error" not in out:
         out["packed_graph_tok_s"] = 1e3 / graph_step_ms(model)
-        nvrtc.PDL = False
-        out["packed_graph_no_pdl_tok_s"] = 1e3 / graph_step_ms(model)
-        nvrtc.PDL = True
-        for layer in model.model.layers:  # the floor: everything but the decoder linears
-            for parent in (layer.self_attn, layer.mlp):
-                for name, mod in list(parent.named_children()):
-                    if isinstance(mod, PackedLinear):
-                        setattr(parent, name, Free(mod.out_features))
+        with plain_launches():
+            out["packed_graph_no_pdl_tok_s"] = 1e3 / graph_step_ms(model)
+        # the floor: everything but the decoder linears
+        replace_decoder_linears(model, PackedLinear, lambda mod: Free(mod.out_features))
         out["no_linear_graph_tok_s"] = 1e3 / graph_step_ms(model)
     return out
+
+
+def replace_decoder_linears(model, kind: type, make) -> None:
+    """Every ``kind`` child of the decoder layers' attention and MLP becomes ``make(child)``."""
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, mod in list(parent.named_children()):
+                if isinstance(mod, kind):
+                    setattr(parent, name, make(mod))
 
 
 class Free(torch.nn.Module):
