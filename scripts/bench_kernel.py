@@ -10,7 +10,8 @@ copy bandwidth. Every packed kernel (lookup-table GEMV, the two tensor-core GEMV
 at 1/4/8/16 tokens beside cuBLAS fp16; the fastest per (shape, tokens) becomes
 ``module.KERNEL_TABLE`` for the "auto" timing and the 7B run, and is printed as a Python literal
 to record in hbllm/packed/module.py (``--tune``: the per-shape launch configs likewise, for
-``cuda_lut.TUNED`` / ``cuda_mma.TUNED`` / ``cuda_codebook.TUNED``). "packed GB/s" counts the
+``cuda_lut.TUNED`` / ``cuda_mma.TUNED`` / ``cuda_codebook.TUNED`` / ``cuda_tile.TUNED``).
+"packed GB/s" counts the
 layer's registered (tiled) buffers; the codebook GEMV reads buffers of the same size. The
 7B-shaped model has random fp16 weights; its 224 decoder linears are replaced by copies of the
 three packed layers; decode is timed as one CUDA graph per step (static cache) and with eager
@@ -34,7 +35,7 @@ from triton.testing import do_bench
 
 import hbllm
 from hbllm.config import QuantConfig
-from hbllm.packed import cuda_codebook, cuda_lut, cuda_mma, module, nvrtc, triton_kernels
+from hbllm.packed import cuda_codebook, cuda_lut, cuda_mma, cuda_tile, module, nvrtc, triton_kernels
 from hbllm.packed.codes import dequantize, from_quantizer
 from hbllm.packed.format import linear_meta, pack_linear, tensor_bytes
 from hbllm.packed.module import PackedLinear
@@ -135,8 +136,9 @@ def set_kernel(mods, kernel: str) -> None:
 
 def tune(packs, l2: int, only=None) -> dict:
     """Per shape, the launch config of the lookup-table GEMV (1 token a launch), the +-1
-    tensor-core GEMV (8 and 16) and the codebook GEMV (token buckets 1/4/8/16) by graph time,
-    written into ``cuda_lut.TUNED`` / ``cuda_mma.TUNED`` / ``cuda_codebook.TUNED``; ``mm``: the
+    tensor-core GEMV (8 and 16), the codebook GEMV (token buckets 1/4/8/16) and the row-tile
+    codebook GEMV (1/4/8) by graph time, written into ``cuda_lut.TUNED`` / ``cuda_mma.TUNED`` /
+    ``cuda_codebook.TUNED`` / ``cuda_tile.TUNED``; ``mm``: the
     Triton tiles' config summed over the shapes at 16 tokens."""
     # programmatic dependent launch: the next kernel from the start (1), after the block loop (2)
     # or after the first block (3); none (0) never won (kernel_pdl_tuned_2026-11-29.json). Chunks
@@ -150,7 +152,9 @@ def tune(packs, l2: int, only=None) -> dict:
               # rings deeper than 2 stages never won (kernel_cb_columns_2026-11-29.json)
               "cb": (cuda_codebook.TUNED, cuda_codebook.BUCKETS,
                      [dict(warps=w, cb=cb, st=2, pdl=p) for w in (4, 8)
-                      for cb in (2, 3, 4, 5, 6, 8) for p in pdl])}
+                      for cb in (2, 3, 4, 5, 6, 8) for p in pdl]),
+              "tile": (cuda_tile.TUNED, cuda_tile.BUCKETS,
+                       [dict(warps=w, pdl=p) for w in (4, 8, 12, 16) for p in pdl])}
     chosen = {}
     for label, (packed, meta) in packs.items():
         rows, cols = meta["rows"], meta["cols"]
@@ -397,6 +401,7 @@ def print_report(report: dict, tables: dict) -> None:
     print("cuda_lut.TUNED =", tables["lut"])
     print("cuda_mma.TUNED =", tables["mma"])
     print("cuda_codebook.TUNED =", tables["cb"])
+    print("cuda_tile.TUNED =", tables["tile"])
     print("ALL OUTPUTS WITHIN TOL" if not bad else f"ERRORS ABOVE {TOL}: {bad}")
 
 
@@ -431,11 +436,13 @@ def main() -> None:
         report["tuning"] = tune(packs, l2, args.tune)
     report["configs"] = {"lut": dict(cuda_lut.CONFIG), "mma": dict(cuda_mma.CONFIG),
                          "cb": dict(cuda_codebook.CONFIG),
+                         "tile": dict(cuda_tile.CONFIG),
                          "triton_gemv": dict(triton_kernels.GEMV_CONFIG),
                          "mm": dict(triton_kernels.MM_CONFIG)}
     report["layers"] = bench_layers(packs, codes_by_label, report["copy_GBps"] * 1e9, l2)
     tables = {"kernel": dict(module.KERNEL_TABLE), "lut": dict(cuda_lut.TUNED),
-              "mma": dict(cuda_mma.TUNED), "cb": dict(cuda_codebook.TUNED)}
+              "mma": dict(cuda_mma.TUNED), "cb": dict(cuda_codebook.TUNED),
+              "tile": dict(cuda_tile.TUNED)}
     if not args.skip_7b:
         report["llama7b"] = bench_7b(packs)
         print(json.dumps(report["llama7b"]), flush=True)

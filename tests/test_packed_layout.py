@@ -6,7 +6,7 @@ dequantize-then-matmul. The kernels themselves run in tests/test_packed_triton.p
 import pytest
 import torch
 
-from hbllm.packed import codebook, cuda_codebook, cuda_lut, cuda_mma, nvrtc
+from hbllm.packed import codebook, cuda_codebook, cuda_lut, cuda_mma, cuda_tile, nvrtc
 from hbllm.packed.codes import dequantize
 from hbllm.packed.format import linear_meta, pack_linear
 from hbllm.packed.runtime import (
@@ -163,7 +163,8 @@ def _compile_ptx(source: str) -> str:
 def test_cuda_sources_compile_for_sm90():
     """Every kernel variant the runtime can ask for compiles without warnings (CPU: NVRTC only),
     the tiled loads are 16-byte vectors where the layout allows them, and the lookup-table and
-    codebook GEMVs take part in programmatic dependent launch (each trigger position)."""
+    codebook GEMVs (and the row-tile one) take part in programmatic dependent launch (each
+    trigger position)."""
     for row in (True, False):
         for bs, cb, msv, ssv in ((128, 2, 2, 2), (128, 1, 1, 1), (64, 4, 2, 1), (64, 1, 1, 2)):
             mv = word_vec(bs // 32)
@@ -185,6 +186,12 @@ def test_cuda_sources_compile_for_sm90():
                 assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
                 assert "mma.sync.aligned.m16n8k16" in ptx and "prmt.b32" in ptx
                 assert "cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx
+            for trig in (1, 2, 3):
+                ptx = _compile_ptx(nvrtc.full_source(cuda_tile.SOURCE, "k", **cuda_tile.macros(
+                    row, bs, trig)))
+                assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+                assert "mma.sync.aligned.m16n8k16" in ptx and "prmt.b32" in ptx
+                assert "atom." not in ptx and "red.global" not in ptx  # no split-K workspace
 
 
 def _emulate_codebook(cb: dict, rt: dict, meta: dict, band: str) -> torch.Tensor:

@@ -3,7 +3,7 @@ layout, vs the dequantized-weight matmul (CUDA only)."""
 import pytest
 import torch
 
-from hbllm.packed import cuda_codebook, cuda_lut, cuda_mma, module
+from hbllm.packed import cuda_codebook, cuda_lut, cuda_mma, cuda_tile, module
 from hbllm.packed.codes import dequantize
 from hbllm.packed.format import linear_meta, pack_linear
 from hbllm.packed.module import GEMV_MAX_TOKENS, MMA_MAX_TOKENS, PackedLinear, triton_kernels
@@ -230,7 +230,37 @@ def test_codebook_gemv_in_a_graph_after_a_first_call():
     _assert_replays(graph, x, y, codes)
 
 
-@pytest.mark.parametrize("kernel", ["lut", "cb"])
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("blocksize,cols", [(128, 384), (64, 320), (128, 11008)])
+@pytest.mark.parametrize("warps", [1, 3, 8, 16])
+def test_tile_gemv_warps_and_tokens(monkeypatch, layout, blocksize, cols, warps):
+    """The row-tile codebook GEMV: warps splitting a tile's blocks into ranges (uneven with 3;
+    more warps than blocks at 320 and 384 columns, so some warps have none), blocksize 64, 70
+    rows (a partial tile), 1-17 tokens (8 a launch, fewer at 11008 columns where the staged
+    inputs of 8 tokens do not fit shared memory), blocks with up to blocksize/32 salient words
+    (past the one a warp preloads). No atomics: calling again gives the same bits."""
+    monkeypatch.setitem(cuda_tile.CONFIG, "warps", warps)
+    calls = []
+    run = cuda_tile.gemv
+    monkeypatch.setattr(cuda_tile, "gemv", lambda *a: (calls.append(1), run(*a))[1])
+    codes = random_codes(layout, 70, cols, blocksize=blocksize, seed=cols + warps,
+                         max_k=blocksize - 1)
+    mod = PackedLinear(pack_linear(codes), linear_meta(codes)).cuda()
+    mod.gemv = "tile"
+    x = torch.randn(17, cols, device="cuda", dtype=torch.float16)
+    ref = x.double() @ dequantize(codes).double().cuda().T
+    for n in (1, 2, 3, 8, 9, 17):
+        _poison(y_bytes=n * 70 * 2)
+        y = mod(x[:n])
+        assert torch.isfinite(y).all(), n
+        assert ((y.double() - ref[:n]).norm() / ref[:n].norm()).item() < 4e-3, n
+        assert torch.equal(mod(x[:n]), y), n
+    assert len(calls) == 12  # the tile kernel ran, not the codebook GEMV it falls back to
+    if cols == 11008:
+        assert cuda_tile.tokens_a_launch(cols, mod.sal_wgrp.numel(), warps, 0) < 8
+
+
+@pytest.mark.parametrize("kernel", ["lut", "cb", "tile"])
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("pdl", [1, 2, 3])
 def test_dependent_launches_read_the_previous_output(monkeypatch, kernel, graph, pdl):
@@ -242,6 +272,7 @@ def test_dependent_launches_read_the_previous_output(monkeypatch, kernel, graph,
 
     for config in (cuda_lut.CONFIG, cuda_codebook.CONFIG):
         monkeypatch.setitem(config, "cb", 2)  # several column chunks: the workspace path
+    for config in (cuda_lut.CONFIG, cuda_codebook.CONFIG, cuda_tile.CONFIG):
         monkeypatch.setitem(config, "pdl", pdl)  # the next launch from the start / end / block 1
     codes = [random_codes("row", 512, 512, seed=s) for s in (1, 2)]
     mods = [PackedLinear(pack_linear(c), linear_meta(c)).cuda() for c in codes]

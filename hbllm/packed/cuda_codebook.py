@@ -53,14 +53,9 @@ TUNED: dict[tuple, dict] = {
     (4096, 11008, 16): {"warps": 8, "cb": 6, "st": 2, "pdl": 3},
 }
 
-SOURCE = r"""
-#define WPB (BS / 32)           // words per quantization block
-#define GPB (ROW ? 2 : 1)       // main codebooks (statistics groups) per block
-#define WPGR (WPB / GPB)         // main words per group
-#define NTILE (NT > 8 ? 2 : 1)  // n-tiles of 8 tokens
-#define NT8 (8 * NTILE)
-#define ZW (((CB * WPB) | 1) * 32)  // halves per token row of the chunk's main inputs (odd count of
-                                    // 64-byte words: two token rows never share a bank)
+# The decode shared with :mod:`cuda_tile`: MMA, selector, byte permute, a lane's four codebooks and
+# one 32-column word into NTILE n-tiles of accumulators (NTILE defined by the includer).
+DECODE = r"""
 __device__ __forceinline__ void mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
                "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -73,10 +68,11 @@ __device__ __forceinline__ void mma(float* d, const unsigned* a, unsigned b0, un
 // m = (w >> P) & 0x0303: for P >= 5 the high word of (w & (0x0303 << P)) * (0x11 << (32 - P)),
 // plus 0x0404 (a mask and a multiply-high-add); P = 2, 4 read w4 = w << 4 at P + 4
 // (codebook.selector emulates this)
+// the high word of a * b + (c << 32): one IMAD.HI whose 64-bit addend is a register pair the
+// compiler keeps for every call (written as PTX mad.hi, the pair was rebuilt by one or two moves
+// before each use: 673 -> 469 SASS instructions a block loop, 1-8 tokens, cb 4)
 __device__ __forceinline__ unsigned madhi(unsigned a, unsigned b, unsigned c) {
-  unsigned r;
-  asm("mad.hi.u32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
-  return r;
+  return (unsigned)(((unsigned long long)a * b + ((unsigned long long)c << 32)) >> 32);
 }
 template <int P> __device__ __forceinline__ unsigned sel(unsigned w, unsigned w4) {
   if constexpr (P == 0) return (w & 0x0303u) * 0x11u + 0x0404u;
@@ -122,6 +118,17 @@ __device__ __forceinline__ void word(float (*acc)[NTILE][4], unsigned wa, unsign
     }
   }
 }
+"""
+
+SOURCE = r"""
+#define WPB (BS / 32)           // words per quantization block
+#define GPB (ROW ? 2 : 1)       // main codebooks (statistics groups) per block
+#define WPGR (WPB / GPB)         // main words per group
+#define NTILE (NT > 8 ? 2 : 1)  // n-tiles of 8 tokens
+#define NT8 (8 * NTILE)
+#define ZW (((CB * WPB) | 1) * 32)  // halves per token row of the chunk's main inputs (odd count of
+                                    // 64-byte words: two token rows never share a bank)
+""" + DECODE + r"""
 // 9-16 tokens on sm_90: the workspace is (R, 16), a row's tokens contiguous, reduced 4 at a time
 // (one vector reduction) and read and cleared 16 bytes at a time by the last block; else (N, R),
 // one reduction a float (faster for 1-8 tokens: a warp's reductions of a token are consecutive)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..quant.haar import INVERSE
-from . import cuda_codebook, cuda_lut, cuda_mma
+from . import cuda_codebook, cuda_lut, cuda_mma, cuda_tile
 from .runtime import build_runtime, pair_output, salient_input, torch_forward
 
 try:  # Triton exists only where CUDA does; the CPU path never needs it.
@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 GEMV_MAX_TOKENS = 1  # fallback rule: up to this many tokens the lookup-table GEMV (cuda_lut),
 MMA_MAX_TOKENS = 16  # up to this many a tensor-core GEMV (fp16: cuda_codebook, bf16: cuda_mma);
 # then Triton
-KERNELS = ("lut", "mma", "cb", "triton")
+KERNELS = ("lut", "mma", "cb", "tile", "triton")
 # Measured choice per layer shape: (rows, cols) -> ((most tokens, kernel), ...) in increasing
 # token order, as ``scripts/bench_kernel.py`` prints it; token counts past the last entry, and
 # shapes not listed, follow the fallback rule above.
@@ -100,6 +100,11 @@ class PackedLinear(nn.Module):
         n, sal_words = x.shape[0], rt["sal_wgrp"].numel()
         half = x.dtype in (torch.float16, torch.bfloat16)
         kernel = kernel_for(m["rows"], m["cols"], n) if self.gemv == "auto" else self.gemv
+        if kernel == "tile":  # fp16 only, inputs in shared memory: else the codebook GEMV
+            if (x.dtype == torch.float16 and cuda_tile.available()
+                    and cuda_tile.fits(m["cols"], sal_words, x.device)):
+                return cuda_tile.gemv(x, rt, m, c, self._scratch)  # 8 tokens a launch
+            kernel = "cb"
         if kernel == "cb":  # fp16 only (a bf16 codebook would round the values): else cuda_mma
             if x.dtype == torch.float16 and cuda_codebook.available():
                 return cuda_codebook.gemv(x, rt, m, c, self._scratch)  # 16 tokens a launch
