@@ -35,19 +35,19 @@ MAX_TOKENS = 16
 # absent: 0). TUNED per (rows, cols, token bucket: 1, 4, 8 or 16, the smallest that holds the
 # call's tokens), as ``bench_kernel.py --tune cb`` prints it; CONFIG, the fallback, is the config
 # closest to each entry's best (mean time / best). H200, 2026-11-29:
-# experiments/benchmarks/raw/kernel_pdl_trig_2026-11-29.json.
+# experiments/benchmarks/raw/kernel_tile_2026-11-29.json (CONFIG: kernel_pdl_trig_2026-11-29.json).
 CONFIG = {"warps": 8, "cb": 4, "st": 2, "pdl": 3}
 BUCKETS = (1, 4, 8, 16)
 TUNED: dict[tuple, dict] = {
     (4096, 4096, 1): {"warps": 8, "cb": 4, "st": 2, "pdl": 3},
     (4096, 4096, 4): {"warps": 8, "cb": 4, "st": 2, "pdl": 3},
     (4096, 4096, 8): {"warps": 8, "cb": 4, "st": 2, "pdl": 3},
-    (4096, 4096, 16): {"warps": 8, "cb": 4, "st": 2, "pdl": 2},
+    (4096, 4096, 16): {"warps": 8, "cb": 4, "st": 2, "pdl": 3},
     (11008, 4096, 1): {"warps": 8, "cb": 4, "st": 2, "pdl": 1},
-    (11008, 4096, 4): {"warps": 8, "cb": 4, "st": 2, "pdl": 3},
+    (11008, 4096, 4): {"warps": 8, "cb": 4, "st": 2, "pdl": 1},
     (11008, 4096, 8): {"warps": 8, "cb": 4, "st": 2, "pdl": 3},
-    (11008, 4096, 16): {"warps": 8, "cb": 6, "st": 2, "pdl": 2},
-    (4096, 11008, 1): {"warps": 4, "cb": 2, "st": 2, "pdl": 1},
+    (11008, 4096, 16): {"warps": 8, "cb": 6, "st": 2, "pdl": 3},
+    (4096, 11008, 1): {"warps": 8, "cb": 4, "st": 2, "pdl": 1},
     (4096, 11008, 4): {"warps": 8, "cb": 4, "st": 2, "pdl": 3},
     (4096, 11008, 8): {"warps": 8, "cb": 4, "st": 2, "pdl": 1},
     (4096, 11008, 16): {"warps": 8, "cb": 6, "st": 2, "pdl": 3},

@@ -23,10 +23,22 @@ from . import cuda_codebook, nvrtc
 MAX_TOKENS = 8
 # Launch config: warps a block (splitting the quantization blocks), programmatic dependent
 # launch (``pdl``, nvrtc.PDL: 1 the next kernel may launch from the start of this one, 2 after
-# its block loop, 3 after its first block). TUNED per (rows, cols, token bucket 1/4/8).
-CONFIG = {"warps": 8, "pdl": 3}
+# its block loop, 3 after its first block). TUNED per (rows, cols, token bucket 1/4/8), as
+# ``bench_kernel.py --tune tile`` prints it (H200, 2026-11-29:
+# experiments/benchmarks/raw/kernel_tile_2026-11-29.json); CONFIG, the fallback, won 7 of 9.
+CONFIG = {"warps": 16, "pdl": 3}
 BUCKETS = (1, 4, 8)
-TUNED: dict[tuple, dict] = {}
+TUNED: dict[tuple, dict] = {
+    (4096, 4096, 1): {"warps": 16, "pdl": 3},
+    (4096, 4096, 4): {"warps": 16, "pdl": 3},
+    (4096, 4096, 8): {"warps": 16, "pdl": 3},
+    (11008, 4096, 1): {"warps": 16, "pdl": 3},
+    (11008, 4096, 4): {"warps": 16, "pdl": 3},
+    (11008, 4096, 8): {"warps": 16, "pdl": 3},
+    (4096, 11008, 1): {"warps": 16, "pdl": 3},
+    (4096, 11008, 4): {"warps": 16, "pdl": 2},
+    (4096, 11008, 8): {"warps": 16, "pdl": 2},
+}
 
 SOURCE = r"""
 #define WPB (BS / 32)           // words per quantization block

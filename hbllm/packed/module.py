@@ -1,9 +1,10 @@
 """``PackedLinear``: a drop-in ``nn.Linear`` replacement that computes from packed codes.
 
-On CUDA, fp16/bf16 inputs run one of four kernels, chosen per (layer shape, tokens) by
+On CUDA, fp16/bf16 inputs run one of five kernels, chosen per (layer shape, tokens) by
 :func:`kernel_for`: the NVRTC-compiled lookup-table GEMV of :mod:`hbllm.packed.cuda_lut` (up to
 4 tokens a launch), the tensor-core codebook GEMV of :mod:`hbllm.packed.cuda_codebook` (fp16, up
-to 16 tokens a launch; its buffers are built at a layer's first call), the tensor-core GEMV of
+to 16 tokens a launch; its buffers are built at a layer's first call) or its one-row-tile-a-block
+form :mod:`hbllm.packed.cuda_tile` (fp16, up to 8 tokens a launch, no split-K), the tensor-core GEMV of
 :mod:`hbllm.packed.cuda_mma` (bf16, up to 16 tokens a launch) or
 :mod:`hbllm.packed.triton_kernels` (row layout: one fused ``tl.dot`` launch; col
 layout: two ``tl.dot`` band launches plus torch glue), which also serves few tokens where NVRTC
@@ -31,9 +32,9 @@ KERNELS = ("lut", "mma", "cb", "tile", "triton")
 # Measured choice per layer shape: (rows, cols) -> ((most tokens, kernel), ...) in increasing
 # token order, as ``scripts/bench_kernel.py`` prints it; token counts past the last entry, and
 # shapes not listed, follow the fallback rule above.
-# Measured on an H200 (2026-11-29: experiments/benchmarks/raw/kernel_pdl_trig_2026-11-29.json).
+# Measured on an H200 (2026-11-29: experiments/benchmarks/raw/kernel_tile_2026-11-29.json).
 KERNEL_TABLE: dict[tuple, tuple] = {
-    (4096, 4096): ((16, "cb"),),
+    (4096, 4096): ((4, "tile"), (16, "cb")),
     (11008, 4096): ((1, "lut"), (16, "cb")),
     (4096, 11008): ((1, "lut"), (16, "cb")),
 }
