@@ -362,16 +362,16 @@ class Free(torch.nn.Module):
 def print_report(report: dict, tables: dict) -> None:
     print(f"\n{report['device']}, copy {report['copy_GBps']:.0f} GB/s, "
           f"{report['seconds']:.0f} s; configs {report['configs']}")
-    print("| layer | shape | batch | fp16 us | packed us | no PDL us | kernel | lut us | mma us | cb us "
-          "| triton us | speedup | packed GB/s | % copy BW (fp16) | rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| layer | shape | batch | fp16 us | packed us | no PDL us | kernel | "
+          + "".join(f"{k} us | " for k in module.KERNELS)
+          + "speedup | packed GB/s | % copy BW (fp16) | rel err |")
+    print("|---" * (11 + len(module.KERNELS)) + "|")
     bad = []
     for r in report["layers"]:
         print(f"| {r['layer']} | {r['shape']} | {r['batch']} | {r['fp16_us']:.1f} | "
               f"{r['packed_us']:.1f} | {r['packed_no_pdl_us']:.1f} | {r['kernel']} | "
-              f"{r['packed_lut_us']:.1f} | "
-              f"{r['packed_mma_us']:.1f} | {r['packed_cb_us']:.1f} | {r['packed_triton_us']:.1f} | "
-              f"{r['speedup']:.2f}x | "
+              + "".join(f"{r[f'packed_{k}_us']:.1f} | " for k in module.KERNELS)
+              + f"{r['speedup']:.2f}x | "
               f"{r['packed_GBps']:.0f} | {100 * r['packed_bw_frac']:.0f}% "
               f"({100 * r['fp16_bw_frac']:.0f}%) | {r['rel_err_vs_dequant']:.1e} |")
         errs = [r["rel_err_vs_dequant"]] + [r[f"rel_err_{k}"] for k in module.KERNELS]
