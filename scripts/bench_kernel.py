@@ -1,6 +1,6 @@
 """Packed HBLLM linears vs fp16 cuBLAS on a CUDA GPU: correctness, latency, bandwidth, 7B decode.
 
-    PYTHONPATH=$PWD python3 scripts/bench_kernel.py [--tune [lut mma cb mm]] [--json F] [--skip-7b]
+    PYTHONPATH=$PWD python3 scripts/bench_kernel.py [--tune [lut mma cb tile mm]] [--json F] [--skip-7b]
 
 For each LLaMA-2-7B linear shape (out x in) a random Gaussian weight is quantized with HBLLM
 (row layout, random-activation Hessian) on the GPU and packed. Latencies are medians of CUDA-graph
@@ -409,7 +409,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tune", nargs="*", default=None, metavar="KERNEL",
                     help="sweep the kernels' launch configs before timing (all, or those named: "
-                         "lut mma cb mm); lut, mma and cb per shape")
+                         "lut mma cb tile mm); lut, mma, cb and tile per shape")
     ap.add_argument("--skip-7b", action="store_true")
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args()
