@@ -1,4 +1,4 @@
-"""Run one packed kernel (lut, mma, cb or triton; default lut) a few times on a ROWSxCOLS HBLLM-row
+"""Run one packed kernel (lut, mma, cb, tile or triton; default lut) a few times on a ROWSxCOLS HBLLM-row
 layer (default 4096x4096; tiled layout) at a number of tokens (default 1), for ``ncu``:
 
     ncu --clock-control none --kernel-name regex:hbllm_lut --launch-skip 3 --launch-count 1 \\
