@@ -53,8 +53,8 @@ TUNED: dict[tuple, dict] = {
     (4096, 11008, 16): {"warps": 8, "cb": 6, "st": 2, "pdl": 3},
 }
 
-# The decode shared with :mod:`cuda_tile`: MMA, selector, byte permute, a lane's four codebooks and
-# one 32-column word into NTILE n-tiles of accumulators (NTILE defined by the includer).
+# What :mod:`cuda_tile` shares: MMA, selector, byte permute, a lane's four codebooks, one 32-column
+# word into NTILE n-tiles of accumulators (NTILE defined by the includer), and the input staging.
 DECODE = r"""
 __device__ __forceinline__ void mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
@@ -117,6 +117,36 @@ __device__ __forceinline__ void word(float (*acc)[NTILE][4], unsigned wa, unsign
       mma(acc[v][h], a[1], bz[h].z, bz[h].w);
     }
   }
+}
+// 8 input columns j0 .. j0 + 7 of one token (v, 16 bytes) -> zn, that token's staged row, in
+// plain column order. Row layout: the column pairs of block b = j0 / BS become the Haar lows
+// c (x_even + x_odd) at b BS + (j0 % BS) / 2 .. + 3 and the highs c (x_even - x_odd) BS / 2
+// later. Col layout: the columns kp (one byte each) marks kept, zeros at the salient ones.
+__device__ __forceinline__ void stage8(u16* zn, uint4 v, int j0, const unsigned char* kp, float c) {
+  const unsigned two[4] = {v.x, v.y, v.z, v.w};
+#if ROW
+  unsigned lh[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float e = ld((u16)(two[k] & 0xffff)), o = ld((u16)(two[k] >> 16));
+    lh[k] = (unsigned)st(c * (e + o)) | ((unsigned)st(c * (e - o)) << 16);
+  }
+  const int b = j0 / BS, lo = b * BS + (j0 - b * BS) / 2;
+  *reinterpret_cast<uint2*>(zn + lo) =
+      make_uint2(__byte_perm(lh[0], lh[1], 0x5410), __byte_perm(lh[2], lh[3], 0x5410));
+  *reinterpret_cast<uint2*>(zn + lo + BS / 2) =
+      make_uint2(__byte_perm(lh[0], lh[1], 0x7632), __byte_perm(lh[2], lh[3], 0x7632));
+#else
+  const uint2 kb = *reinterpret_cast<const uint2*>(kp);  // bytes 0 / 1: kept or not
+  unsigned m[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {  // columns 2k, 2k + 1: 0xffff where kept
+    const unsigned bytes = (k < 2 ? kb.x : kb.y) >> (16 * (k & 1));
+    m[k] = ((bytes & 1u) * 0xffffu) | ((bytes & 0x100u) * 0xffff00u);
+  }
+  *reinterpret_cast<uint4*>(zn + j0) =
+      make_uint4(two[0] & m[0], two[1] & m[1], two[2] & m[2], two[3] & m[3]);
+#endif
 }
 """
 
@@ -223,34 +253,7 @@ extern "C" __global__ void __launch_bounds__(256) NAME(PACKED_ARGS,
 #pragma unroll
     for (int u = 0; u < SU; ++u) {
       const int it = base + u * blockDim.x, n = it / PER, j0 = (it % PER) * 8;
-      if (it < items && j0 < live) {
-        const unsigned two[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
-        u16* zn = zm + n * ZW;
-#if ROW
-        // column pairs j0/2 .. j0/2 + 3 -> Haar lows lo .. lo + 3 of block b, highs BS/2 later
-        unsigned lh[4];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const float e = ld((u16)(two[k] & 0xffff)), o = ld((u16)(two[k] >> 16));
-          lh[k] = (unsigned)st(c * (e + o)) | ((unsigned)st(c * (e - o)) << 16);
-        }
-        const int b = j0 / BS, lo = b * BS + (j0 - b * BS) / 2;
-        *reinterpret_cast<uint2*>(zn + lo) =
-            make_uint2(__byte_perm(lh[0], lh[1], 0x5410), __byte_perm(lh[2], lh[3], 0x5410));
-        *reinterpret_cast<uint2*>(zn + lo + BS / 2) =
-            make_uint2(__byte_perm(lh[0], lh[1], 0x7632), __byte_perm(lh[2], lh[3], 0x7632));
-#else
-        const uint2 kp = *reinterpret_cast<const uint2*>(keep + cb0 * BS + j0);  // bytes 0 / 1
-        unsigned m[4];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {  // columns 2k, 2k + 1: 0xffff where kept
-          const unsigned bytes = (k < 2 ? kp.x : kp.y) >> (16 * (k & 1));
-          m[k] = ((bytes & 1u) * 0xffffu) | ((bytes & 0x100u) * 0xffff00u);
-        }
-        *reinterpret_cast<uint4*>(zn + j0) =
-            make_uint4(two[0] & m[0], two[1] & m[1], two[2] & m[2], two[3] & m[3]);
-#endif
-      }
+      if (it < items && j0 < live) stage8(zm + n * ZW, v[u], j0, keep + cb0 * BS + j0, c);
     }
   };
   {

@@ -86,38 +86,12 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   Blk A, B;
   if (a0 < a1) load(A, a0);  // the first block in flight while the inputs are staged
   dep_wait();                // x and y belong to the kernels before this one
-  // main inputs: 8 columns (16 bytes) of a token an item; row layout: the pairs of block b become
-  // Haar lows c (x_even + x_odd) at b BS + i and highs c (x_even - x_odd) BS / 2 later
+  // main inputs: 8 columns (16 bytes) of a token an item (stage8: Haar domain or kept columns)
   const int per = C / 8, items = N * per;
 #pragma unroll 4
   for (int it = threadIdx.x; it < items; it += blockDim.x) {
     const int n = it / per, j0 = (it - n * per) * 8;
-    const uint4 v = *reinterpret_cast<const uint4*>(x + (size_t)n * C + j0);
-    const unsigned two[4] = {v.x, v.y, v.z, v.w};
-    u16* zn = zm + n * ZC;
-#if ROW
-    unsigned lh[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float e = ld((u16)(two[k] & 0xffff)), o = ld((u16)(two[k] >> 16));
-      lh[k] = (unsigned)st(c * (e + o)) | ((unsigned)st(c * (e - o)) << 16);
-    }
-    const int b = j0 / BS, lo = b * BS + (j0 - b * BS) / 2;
-    *reinterpret_cast<uint2*>(zn + lo) =
-        make_uint2(__byte_perm(lh[0], lh[1], 0x5410), __byte_perm(lh[2], lh[3], 0x5410));
-    *reinterpret_cast<uint2*>(zn + lo + BS / 2) =
-        make_uint2(__byte_perm(lh[0], lh[1], 0x7632), __byte_perm(lh[2], lh[3], 0x7632));
-#else
-    const uint2 kp = *reinterpret_cast<const uint2*>(keep + j0);  // bytes 0 / 1: kept or not
-    unsigned m[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {  // columns 2k, 2k + 1: 0xffff where kept
-      const unsigned bytes = (k < 2 ? kp.x : kp.y) >> (16 * (k & 1));
-      m[k] = ((bytes & 1u) * 0xffffu) | ((bytes & 0x100u) * 0xffff00u);
-    }
-    *reinterpret_cast<uint4*>(zn + j0) =
-        make_uint4(two[0] & m[0], two[1] & m[1], two[2] & m[2], two[3] & m[3]);
-#endif
+    stage8(zm + n * ZC, *reinterpret_cast<const uint4*>(x + (size_t)n * C + j0), j0, keep + j0, c);
   }
   for (int j = threadIdx.x; j < SW * 32; j += blockDim.x) {  // salient slots (-1: padding)
     const int col = sc[j];
@@ -268,7 +242,7 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
         raise ValueError(f"tile GEMV config {cfg}: warps must be 1-16 (512 threads a block)")
     device = nvrtc.device_index(x.device)
     sal_words = rt["sal_wgrp"].numel()
-    nt = min(tokens_a_launch(cols, sal_words, warps, device), MAX_TOKENS)
+    nt = tokens_a_launch(cols, sal_words, warps, device)
     if nt == 0:
         raise ValueError(f"tile GEMV: the inputs of one token ({cols} columns, {sal_words} "
                          "salient words) do not fit shared memory; use the codebook GEMV")
