@@ -43,3 +43,26 @@ def test_sass_loops_finds_the_block_loop():
 """
     found = sass_count.loops(text)
     assert [(n, dict(c)) for n, c in found] == [(3, {"LDS": 1, "HMMA": 1, "BRA": 1})]
+
+
+def test_tile_timeline_steps():
+    """``tile_timeline.timeline``: steps are differences of consecutive clock stamps, turned into
+    microseconds by the clock rate the warps' own clock and global-timer spans give; start skew
+    and span come from the global timer."""
+    import tile_timeline
+    import torch
+
+    stamps = torch.zeros(3, 16, dtype=torch.int64)
+    for w in range(3):  # 2 cycles a ns; warp w starts at w * 100 ns and its steps take (k+1) us
+        clocks = [0]
+        for k in range(6):
+            clocks.append(clocks[-1] + 2000 * (k + 1) * (1 + w))
+        stamps[w, :7] = torch.tensor(clocks) + 7 * w
+        stamps[w, 7] = 1000 + 100 * w
+        stamps[w, 8] = stamps[w, 7] + (clocks[6] - clocks[0]) // 2
+    out = tile_timeline.timeline(stamps)
+    assert abs(out["GHz"] - 2.0) < 1e-9
+    for k, step in enumerate(tile_timeline.STEPS):
+        assert out[step] == (2 * (k + 1), 3 * (k + 1))  # (median warp, slowest warp)
+    assert abs(out["start skew"] - 0.2) < 1e-9
+    assert out["span"] == (stamps[2, 8] - stamps[0, 7]).item() / 1e3

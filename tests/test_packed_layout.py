@@ -186,12 +186,16 @@ def test_cuda_sources_compile_for_sm90():
                 assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
                 assert "mma.sync.aligned.m16n8k16" in ptx and "prmt.b32" in ptx
                 assert "cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx
-            for trig in (1, 2, 3):
+            # launch points; 16 warps (a register double buffer) and 32 (64 registers, none)
+            for trig, warps in ((1, 16), (2, 32), (3, 16)):
                 ptx = _compile_ptx(nvrtc.full_source(cuda_tile.SOURCE, "k", **cuda_tile.macros(
-                    row, bs, trig)))
+                    row, bs, trig, warps)))
                 assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
                 assert "mma.sync.aligned.m16n8k16" in ptx and "prmt.b32" in ptx
                 assert "atom." not in ptx and "red.global" not in ptx  # no split-K workspace
+            ptx = _compile_ptx(nvrtc.full_source(cuda_tile.SOURCE, "k", PROBE=1,
+                                                 **cuda_tile.macros(row, bs)))  # tile_timeline
+            assert "%globaltimer" in ptx and "%clock64" in ptx
 
 
 def _emulate_codebook(cb: dict, rt: dict, meta: dict, band: str) -> torch.Tensor:

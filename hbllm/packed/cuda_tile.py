@@ -1,16 +1,23 @@
 """Packed linear for decoding (1-8 fp16 tokens a launch): the codebook decode of
-:mod:`cuda_codebook` with one row tile a thread block and no split-K workspace. NVRTC, at first use.
+:mod:`cuda_codebook` with whole row tiles a thread block and no split-K workspace. NVRTC, at
+first use.
 
-A block owns one row tile (32 band slots, two MMA tiles of 16) and stages the whole input in
-shared memory once (row layout: the Haar domain, the salient columns gathered in slot order). Its
-warps split the layer's quantization blocks into contiguous ranges; a warp walks its range with
-the next block's codes, codebooks and first salient word loaded into registers while it decodes
-the current one (one ``mma.m16n8k16`` a 16 x 16 piece, ``cuda_codebook.DECODE``). The warps then
-add their partial outputs in shared memory and the block writes its 32 rows: no float32
-workspace, no fence, no tile counter, one launch a call. The price is the grid: one block a row
-tile (128 at 4096 rows), so the layer's columns are spread over the warps of a block rather than
-over blocks. Reads the buffers of :func:`hbllm.packed.codebook.build` (shared with
+A block stages the whole input in shared memory once (row layout: the Haar domain, the salient
+columns gathered in slot order; with the salient words' first index of every quantization block)
+and then owns row tiles (32 band slots, two MMA tiles of 16) ``blockIdx.x``, ``+ gridDim.x``, ...:
+a persistent grid of as many blocks as the GPU holds at once, so a layer with more tiles than
+that stages its input once a block rather than once a tile. Its warps split the quantization
+blocks into contiguous ranges, the same in every tile; a warp walks its range with the next
+block's codes, codebooks and first two salient words loaded into registers while it decodes the
+current one (one ``mma.m16n8k16`` a 16 x 16 piece, ``cuda_codebook.DECODE``; more than 16 warps
+have 64 registers and load after decoding). At the end of a tile the warps add their partial
+outputs in shared memory (two buffers, alternating, so one barrier a tile) and the block writes
+the tile's 32 rows: no float32 workspace, no fence, no tile counter, one launch a call, the same
+bits every call. Reads the buffers of :func:`hbllm.packed.codebook.build` (shared with
 :mod:`cuda_codebook`: built once a layer).
+
+Built with ``PROBE`` (``scripts/tile_timeline.py``), the kernel's warps stamp their clock at
+each step: where a launch spends its time.
 """
 from __future__ import annotations
 
@@ -21,23 +28,24 @@ import torch
 from . import cuda_codebook, nvrtc
 
 MAX_TOKENS = 8
-# Launch config: warps a block (splitting the quantization blocks), programmatic dependent
-# launch (``pdl``, nvrtc.PDL: 1 the next kernel may launch from the start of this one, 2 after
-# its block loop, 3 after its first block). TUNED per (rows, cols, token bucket 1/4/8), as
-# ``bench_kernel.py --tune tile`` prints it (H200, 2026-11-29:
-# experiments/benchmarks/raw/kernel_tile_2026-11-29.json); CONFIG, the fallback, won 7 of 9.
+# Launch config: warps a block (splitting the quantization blocks; more than 16: 64 registers a
+# thread and no register double buffer), programmatic dependent launch (``pdl``, nvrtc.PDL: 1
+# the next kernel may launch from the start of this one, 2 after its block loop, 3 after its
+# first block). TUNED per (rows, cols, token bucket 1/4/8), as ``bench_kernel.py --tune tile``
+# prints it (H200, 2026-11-29: experiments/benchmarks/raw/kernel_tile_persistent_2026-11-29.json);
+# CONFIG, the fallback, won 6 of 9.
 CONFIG = {"warps": 16, "pdl": 3}
 BUCKETS = (1, 4, 8)
 TUNED: dict[tuple, dict] = {
     (4096, 4096, 1): {"warps": 16, "pdl": 3},
     (4096, 4096, 4): {"warps": 16, "pdl": 3},
-    (4096, 4096, 8): {"warps": 16, "pdl": 3},
+    (4096, 4096, 8): {"warps": 24, "pdl": 1},
     (11008, 4096, 1): {"warps": 16, "pdl": 3},
     (11008, 4096, 4): {"warps": 16, "pdl": 3},
     (11008, 4096, 8): {"warps": 16, "pdl": 3},
     (4096, 11008, 1): {"warps": 16, "pdl": 3},
-    (4096, 11008, 4): {"warps": 16, "pdl": 2},
-    (4096, 11008, 8): {"warps": 16, "pdl": 2},
+    (4096, 11008, 4): {"warps": 24, "pdl": 3},
+    (4096, 11008, 8): {"warps": 24, "pdl": 3},
 }
 
 SOURCE = r"""
@@ -50,23 +58,54 @@ SOURCE = r"""
 struct Blk {      // a lane's share of one quantization block
   uint4 c[NCP];   // main codes (words 2i, 2i + 1 as A, B, A, B)
   uint4 bm;       // main codebooks (row layout: two groups)
-  uint2 bs, s0;   // salient codebook, first salient word
+  uint2 bs, s0, s1;  // salient codebook, first two salient words
   int f0, f1;     // salient words f0 .. f1 - 1
 };
-extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
+// PROBE (scripts/tile_timeline.py): a warp's lane 0 stamps its SM clock at steps 0-6 into
+// prb[(block * warps + warp) * 16 + step], and the global timer (ns) at its start and end into
+// slots 7 and 8
+#ifdef PROBE
+__device__ __forceinline__ long long ns_now() {
+  long long ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+  return ns;
+}
+#define SLOT(k) prb[(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 16 + (k)]
+#define STAMP(k) if ((threadIdx.x & 31) == 0) SLOT(k) = clock64()
+#define PROBE_ARG , long long* __restrict__ prb
+#else
+#define STAMP(k)
+#define PROBE_ARG
+#endif
+extern "C" __global__ void __launch_bounds__(32 * WARPS) NAME(PACKED_ARGS,
     const int* __restrict__ sfirst, const uint4* __restrict__ cbm, const uint2* __restrict__ bkm,
-    const uint2* __restrict__ cbs, const uint2* __restrict__ bks) {
+    const uint2* __restrict__ cbs, const uint2* __restrict__ bks PROBE_ARG) {
+#ifdef PROBE
+  if ((threadIdx.x & 31) == 0) SLOT(7) = ns_now();
+#endif
+  STAMP(0);
   extern __shared__ float4 smem4[];
   const int W = C >> 5, ZC = (W | 1) * 32, ZSC = (SW | 1) * 32;  // halves per token row: odd
                                                                  // counts of 64-byte words
+  const int T = (R + 31) >> 5;  // row tiles
   u16* zm = reinterpret_cast<u16*>(smem4);  // [N][ZC] main inputs
   u16* zs = zm + N * ZC;                    // [N][ZSC] salient inputs, slot order
-  float* fin = reinterpret_cast<float*>(zs + N * ZSC);  // [warps][8 tokens][32 rows]
+  float* fin = reinterpret_cast<float*>(zs + N * ZSC);  // [2 tiles][warps][N tokens][32 rows]
+  int* sf = reinterpret_cast<int*>(fin + 2 * (blockDim.x >> 5) * N * 32);  // [NB + 1] sfirst
   const float c = (float)cd;
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  const int g = lane >> 2, q = lane & 3, t = blockIdx.x;
+  const int g = lane >> 2, q = lane & 3;
+  // this warp's units: blocks a0 .. a1 - 1 of every tile it visits (blockIdx.x, + gridDim.x,
+  // ...), walked by cursors (t, a); t >= T: past the last
   const int a0 = (int)((long long)NB * wid / nw), a1 = (int)((long long)NB * (wid + 1) / nw);
-  auto load = [&](Blk& k, int a) {
+  const int t0 = a0 < a1 ? (int)blockIdx.x : T;
+  auto next = [&](int& t, int& a) {
+    if (++a == a1) { a = a0; t += (int)gridDim.x; }
+  };
+  // a unit's loads: codes and codebooks (no dependence), then its salient words' range (from
+  // shared memory: a global read there would hold the warp for a round trip before the first
+  // salient word could be requested)
+  auto load_main = [&](Blk& k, int t, int a) {
 #pragma unroll
     for (int i = 0; i < NCP; ++i) k.c[i] = cbm[((size_t)t * (W / 2) + a * NCP + i) * 32 + lane];
 #if GPB == 2
@@ -76,16 +115,28 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     k.bm = make_uint4(b.x, b.y, 0u, 0u);
 #endif
     k.bs = bks[((size_t)t * NB + a) * 32 + lane];
-    k.f0 = sfirst[a];
-    k.f1 = sfirst[a + 1];
+  };
+  auto load_sal = [&](Blk& k, int t, int a) {
+    k.f0 = sf[a];
+    k.f1 = sf[a + 1];
     k.s0 = k.f0 < k.f1 ? cbs[((size_t)t * SW + k.f0) * 32 + lane] : make_uint2(0u, 0u);
+    k.s1 = k.f0 + 1 < k.f1 ? cbs[((size_t)t * SW + k.f0 + 1) * 32 + lane] : make_uint2(0u, 0u);
+  };
+  auto load = [&](Blk& k, int t, int a) {
+    load_main(k, t, a);
+    load_sal(k, t, a);
   };
 #if TRIG == 1
   dep_launch();
 #endif
-  Blk A, B;
-  if (a0 < a1) load(A, a0);  // the first block in flight while the inputs are staged
-  dep_wait();                // x and y belong to the kernels before this one
+  Blk A;
+  if (t0 < T) load_main(A, t0, a0);  // the first block in flight while the inputs are staged
+  // the weights' column indices (salient slots, -1: padding) and salient word ranges (one a
+  // quantization block): this thread's first ones in flight too
+  const int sc0 = threadIdx.x < SW * 32 ? sc[threadIdx.x] : -1;
+  const int sf0 = threadIdx.x <= NB ? sfirst[threadIdx.x] : 0;
+  dep_wait();  // x and y belong to the kernels before this one
+  STAMP(1);
   // main inputs: 8 columns (16 bytes) of a token an item (stage8: Haar domain or kept columns)
   const int per = C / 8, items = N * per;
 #pragma unroll 4
@@ -93,20 +144,22 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     const int n = it / per, j0 = (it - n * per) * 8;
     stage8(zm + n * ZC, *reinterpret_cast<const uint4*>(x + (size_t)n * C + j0), j0, keep + j0, c);
   }
-  for (int j = threadIdx.x; j < SW * 32; j += blockDim.x) {  // salient slots (-1: padding)
-    const int col = sc[j];
+  for (int j = threadIdx.x; j < SW * 32; j += blockDim.x) {  // salient slots
+    const int col = j == threadIdx.x ? sc0 : sc[j];
     for (int n = 0; n < N; ++n) zs[n * ZSC + j] = col >= 0 ? x[(size_t)n * C + col] : (u16)0;
   }
+  for (int i = threadIdx.x; i <= NB; i += blockDim.x) sf[i] = i == threadIdx.x ? sf0 : sfirst[i];
   __syncthreads();
-  float am[2][NTILE][4], as[2][NTILE][4];  // [MMA tile][n-tile][fragment], main and salient
-#pragma unroll
-  for (int v = 0; v < 2; ++v)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) am[v][0][j] = as[v][0][j] = 0.f;
+  if (t0 < T) load_sal(A, t0, a0);
+  STAMP(2);
+#if TRIG == 3
+  if (t0 >= T) dep_launch();  // warps with no blocks
+#endif
   const int zo = min(g, N - 1);  // this lane's token row of the B fragments
   const u16* zr = zm + zo * ZC + q * 8;
   const u16* zsr = zs + zo * ZSC + q * 8;
-  auto run = [&](const Blk& k, int a) {
+  float am[2][NTILE][4], as[2][NTILE][4];  // [MMA tile][n-tile][fragment], main and salient
+  auto run = [&](const Blk& k, int t, int a) {
 #pragma unroll
     for (int j = 0; j < GPB; ++j) {
       uint2 bk[4];
@@ -122,82 +175,107 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
       uint2 bk[4];
       books(k.bs, g, bk);
       for (int w = k.f0; w < k.f1; ++w) {
-        const uint2 cw = w == k.f0 ? k.s0 : cbs[((size_t)t * SW + w) * 32 + lane];
+        const uint2 cw = w == k.f0 ? k.s0 : w == k.f0 + 1 ? k.s1 : cbs[((size_t)t * SW + w) * 32 + lane];
         const uint4 bz = *reinterpret_cast<const uint4*>(zsr + w * 32);
         word(as, cw.x, cw.y, &bz, bk);
       }
     }
   };
-  // two blocks a step: B is loaded while A is decoded and the reverse (no register copies)
-  int a = a0;
+  int nt = t0, na = a0;  // the cursor of the unit after A's
+  next(nt, na);
 #pragma unroll 1
-  for (; a + 1 < a1; a += 2) {
-    load(B, a + 1);
-    run(A, a);
-#if TRIG == 3
-    if (a == a0) dep_launch();
+  for (int t = blockIdx.x, k = 0; t < T; t += gridDim.x, ++k) {
+#pragma unroll
+    for (int v = 0; v < 2; ++v)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) am[v][0][i] = as[v][0][i] = 0.f;
+#pragma unroll 1
+    for (int a = a0; a < a1; ++a) {  // A holds block a of tile t
+#if WARPS <= 16  // else 64 registers a thread: no room for a second block
+      Blk B;
+      if (nt < T) load(B, nt, na);  // in flight while A is decoded
+      run(A, t, a);
+      A = B;
+#else
+      run(A, t, a);
+      if (nt < T) load(A, nt, na);
 #endif
-    if (a + 2 < a1) load(A, a + 2);
-    run(B, a + 1);
+#if TRIG == 3
+      if (t == (int)blockIdx.x && a == a0) dep_launch();
+#endif
+      if (k == 0 && a == a0) STAMP(3);
+      next(nt, na);
+    }
+    if (k == 0) STAMP(4);
+    // fragments -> this warp's partial outputs: element i is row g + 8 (i >> 1) of the MMA tile,
+    // token 2q + (i & 1); salient (and col-layout main) tiles are the low (A) and high (B) rows
+    // of pairs g + 8 (i >> 1), output rows 2p, 2p + 1. Row layout: the main rows, then the
+    // salient pairs added (one writer per (row, token) in each step).
+    float* fk = fin + (k & 1) * nw * N * 32;
+    float* fw = fk + wid * N * 32;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int n = 2 * q + (i & 1), p = g + 8 * (i >> 1);
+      if (n < N) {
+#if ROW
+        fw[n * 32 + p] = am[0][0][i];
+        fw[n * 32 + 16 + p] = am[1][0][i];
+#else
+        const float lo = am[0][0][i] + as[0][0][i], hi = am[1][0][i] + as[1][0][i];
+        fw[n * 32 + 2 * p] = c * (lo + hi);
+        fw[n * 32 + 2 * p + 1] = c * (lo - hi);
+#endif
+      }
+    }
+#if ROW
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int n = 2 * q + (i & 1), p = g + 8 * (i >> 1);
+      if (n < N) {
+        const float lo = as[0][0][i], hi = as[1][0][i];
+        fw[n * 32 + 2 * p] += c * (lo + hi);
+        fw[n * 32 + 2 * p + 1] += c * (lo - hi);
+      }
+    }
+#endif
+    // one barrier a tile: the partials alternate between two buffers, and every thread has
+    // summed tile k - 2's before it passes tile k - 1's barrier
+    __syncthreads();
+    for (int i = threadIdx.x; i < 32 * N; i += blockDim.x) {  // (row, token): the warps' partials
+      const int r = i & 31, n = i >> 5, row = 32 * t + r;
+      float s = 0.f;
+      for (int w = 0; w < nw; ++w) s += fk[(w * N + n) * 32 + r];
+      if (row < R) y[(size_t)n * R + row] = st(s);
+    }
+    if (k == 0) STAMP(5);
   }
-  if (a < a1) run(A, a);
+  STAMP(6);
+#ifdef PROBE
+  if ((threadIdx.x & 31) == 0) SLOT(8) = ns_now();
+#endif
 #if TRIG == 2
   dep_launch();
-#elif TRIG == 3
-  if (a1 - a0 < 2) dep_launch();  // warps that took no step above
 #endif
-  // fragments -> this warp's partial outputs: element j is row g + 8 (j >> 1) of the MMA tile,
-  // token 2q + (j & 1); salient (and col-layout main) tiles are the low (A) and high (B) rows of
-  // pairs g + 8 (j >> 1), output rows 2p, 2p + 1. Row layout: the main rows, then the salient
-  // pairs added (one writer per (row, token) in each step).
-  float* fw = fin + wid * 8 * 32;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int n = 2 * q + (j & 1), p = g + 8 * (j >> 1);
-    if (n < N) {
-#if ROW
-      fw[n * 32 + p] = am[0][0][j];
-      fw[n * 32 + 16 + p] = am[1][0][j];
-#else
-      const float lo = am[0][0][j] + as[0][0][j], hi = am[1][0][j] + as[1][0][j];
-      fw[n * 32 + 2 * p] = c * (lo + hi);
-      fw[n * 32 + 2 * p + 1] = c * (lo - hi);
-#endif
-    }
-  }
-#if ROW
-  __syncwarp();
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int n = 2 * q + (j & 1), p = g + 8 * (j >> 1);
-    if (n < N) {
-      const float lo = as[0][0][j], hi = as[1][0][j];
-      fw[n * 32 + 2 * p] += c * (lo + hi);
-      fw[n * 32 + 2 * p + 1] += c * (lo - hi);
-    }
-  }
-#endif
-  __syncthreads();
-  for (int i = threadIdx.x; i < 32 * N; i += blockDim.x) {  // the warps' partials of (row, token)
-    const int r = i & 31, n = i >> 5, row = 32 * t + r;
-    float s = 0.f;
-    for (int w = 0; w < nw; ++w) s += fin[(w * 8 + n) * 32 + r];
-    if (row < R) y[(size_t)n * R + row] = st(s);
-  }
 }
 """
 
 
-def macros(row: bool, bs: int, trig: int = 1) -> dict:
+def macros(row: bool, bs: int, trig: int = 1, warps: int = 16) -> dict:
     """Compile-time constants: layout, blocksize, where the next kernel may launch
-    (:data:`CONFIG`'s ``pdl``)."""
-    return dict(ROW=int(row), DT=0, BS=bs, TRIG=trig)
+    (:data:`CONFIG`'s ``pdl``), warps a block (the launch bound: more than 16 cap the registers
+    at 64, and a warp then loads its next quantization block only after decoding the current
+    one)."""
+    return dict(ROW=int(row), DT=0, BS=bs, TRIG=trig, WARPS=warps)
 
 
 @functools.cache
-def _kernel(row: bool, bs: int, device: int, trig: int = 1):
-    name = f"hbllm_tile_{'row' if row else 'col'}_{bs}_t{trig}"
-    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, bs, trig))
+def _kernel(row: bool, bs: int, device: int, trig: int = 1, warps: int = 16,
+            probe: bool = False):
+    name = f"hbllm_tile_{'row' if row else 'col'}_{bs}_t{trig}_w{warps}"
+    extra = {"PROBE": 1} if probe else {}
+    return nvrtc.compile_kernel(SOURCE, name + "_probe" * probe, device,
+                                **macros(row, bs, trig, warps), **extra)
 
 
 @functools.cache
@@ -213,10 +291,10 @@ def config(rows: int, cols: int, tokens: int) -> dict:
 
 
 def smem_bytes(cols: int, sal_words: int, tokens: int, warps: int) -> int:
-    """Shared memory of a launch: the staged inputs of ``tokens`` tokens and the warps' partial
-    outputs."""
+    """Shared memory of a launch: the staged inputs of ``tokens`` tokens, the warps' partial
+    outputs of two row tiles and the salient words' first index a quantization block."""
     halves = (((cols // 32) | 1) + (sal_words | 1)) * 32
-    return 2 * tokens * halves + 4 * warps * 8 * 32
+    return 2 * tokens * halves + 4 * 2 * warps * 32 * tokens + 4 * (cols // 32 + 1)
 
 
 def tokens_a_launch(cols: int, sal_words: int, warps: int, device: int) -> int:
@@ -227,31 +305,36 @@ def tokens_a_launch(cols: int, sal_words: int, warps: int, device: int) -> int:
 
 def fits(cols: int, sal_words: int, device: torch.device) -> bool:
     """Whether one token's inputs fit shared memory (with the most warps a block)."""
-    return tokens_a_launch(cols, sal_words, 16, nvrtc.device_index(device)) > 0
+    return tokens_a_launch(cols, sal_words, 32, nvrtc.device_index(device)) > 0
 
 
 def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
-         scratch: dict) -> torch.Tensor:
+         scratch: dict, probe: torch.Tensor | None = None) -> torch.Tensor:
     """y (N, R) = x (N, C) W^T for fp16 x (N, C) contiguous on CUDA, up to 8 tokens a launch
     (fewer where their inputs do not fit shared memory). ``scratch``: a dict the caller keeps
-    per layer (the codebook buffers)."""
+    per layer (the codebook buffers). ``probe``: int64 (blocks x warps x 16) on the device, for
+    the kernel built with its timestamps (``scripts/tile_timeline.py``)."""
     n, cols = x.shape
     cfg = config(meta["rows"], cols, min(n, MAX_TOKENS))
     warps = cfg["warps"]
-    if not 1 <= warps <= 16:
-        raise ValueError(f"tile GEMV config {cfg}: warps must be 1-16 (512 threads a block)")
+    if not 1 <= warps <= 32:
+        raise ValueError(f"tile GEMV config {cfg}: warps must be 1-32 (1024 threads a block)")
     device = nvrtc.device_index(x.device)
     sal_words = rt["sal_wgrp"].numel()
     nt = tokens_a_launch(cols, sal_words, warps, device)
     if nt == 0:
         raise ValueError(f"tile GEMV: the inputs of one token ({cols} columns, {sal_words} "
                          "salient words) do not fit shared memory; use the codebook GEMV")
+    nt = min(nt, n)
     buf = cuda_codebook.buffers(rt, meta, scratch)
     pdl = cfg.get("pdl", 0)
-    kernel = _kernel(meta["layout"] == "row", meta["blocksize"], device, max(pdl, 1))
-    grid = ((meta["rows"] + 31) // 32, 1, 1)
+    kernel = _kernel(meta["layout"] == "row", meta["blocksize"], device, max(pdl, 1), warps,
+                     probe is not None)
+    smem = smem_bytes(cols, sal_words, nt, warps)
+    tiles = (meta["rows"] + 31) // 32
+    grid = (min(tiles, nvrtc.resident_blocks(kernel, 32 * warps, smem, device)), 1, 1)
     after_first = nvrtc.settled(scratch, ("tile", x.device))
-    return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps,
-                        smem_bytes(cols, sal_words, nt, warps),
+    return nvrtc.launch(kernel, x, rt, meta, c, nt, grid, 32 * warps, smem,
                         extra=[rt["sal_first"], buf["cb_main"], buf["book_main"], buf["cb_sal"],
-                               buf["book_sal"]], pdl=pdl > 0 and after_first)
+                               buf["book_sal"]] + ([] if probe is None else [probe]),
+                        pdl=pdl > 0 and after_first)

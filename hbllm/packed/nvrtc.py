@@ -185,6 +185,20 @@ def pdl_supported(device: int) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9 and hasattr(lib, "cuLaunchKernelEx")
 
 
+@functools.cache
+def resident_blocks(kernel, threads: int, smem: int, device: int) -> int:
+    """Blocks of ``threads`` threads and ``smem`` bytes of shared memory that ``kernel`` runs at
+    once on CUDA device ``device`` (blocks an SM holds x SMs; at least one)."""
+    lib = torch.cuda._utils._get_gpu_runtime_library()
+    per_sm = ctypes.c_int()
+    with torch.cuda.device(device):
+        rc = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(per_sm), kernel.func, ctypes.c_int(threads), ctypes.c_size_t(smem))
+    if rc:
+        raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed with CUresult {rc}")
+    return max(per_sm.value, 1) * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def settled(scratch: dict, key) -> bool:
     """Whether ``key`` (a kernel on a device) has launched before for the layer that keeps
     ``scratch``; records that it has now. A layer's first launch follows the writes of its
