@@ -153,9 +153,8 @@ def tune(packs, l2: int, only=None) -> dict:
               "cb": (cuda_codebook.TUNED, cuda_codebook.BUCKETS,
                      [dict(warps=w, cb=cb, st=2, pdl=p) for w in (4, 8)
                       for cb in (2, 3, 4, 5, 6, 8) for p in pdl]),
-              # more than 16 warps: 64 registers and no register double buffer
               "tile": (cuda_tile.TUNED, cuda_tile.BUCKETS,
-                       [dict(warps=w, pdl=p) for w in (8, 12, 16, 24, 32) for p in pdl])}
+                       [dict(warps=w, pdl=p) for w in (8, 12, 16) for p in pdl])}
     chosen = {}
     for label, (packed, meta) in packs.items():
         rows, cols = meta["rows"], meta["cols"]

@@ -232,12 +232,11 @@ def test_codebook_gemv_in_a_graph_after_a_first_call():
 
 @pytest.mark.parametrize("layout", ["row", "col"])
 @pytest.mark.parametrize("blocksize,cols", [(128, 384), (64, 320), (128, 11008)])
-@pytest.mark.parametrize("warps,grid", [(1, None), (3, 2), (8, None), (16, 2), (24, None),
-                                        (32, 2)])
+@pytest.mark.parametrize("warps,grid", [(1, None), (3, 2), (8, None), (16, 2), (16, None)])
 def test_tile_gemv_warps_and_tokens(monkeypatch, layout, blocksize, cols, warps, grid):
     """The row-tile codebook GEMV: warps splitting a tile's blocks into ranges (uneven with 3;
-    more warps than blocks at 320 and 384 columns, so some warps have none), with the register
-    double buffer (up to 16 warps) and without (24, 32), blocksize 64, 70 rows (a partial tile),
+    more warps than blocks at 320 and 384 columns, so some warps have none; each warp stages
+    the inputs of its own blocks), blocksize 64, 70 rows (a partial tile),
     blocks that walk several tiles (a grid of 2 for 3 tiles), 1-17 tokens (8 a launch, fewer at
     11008 columns where the staged inputs of 8 tokens do not fit shared memory), blocks with up
     to blocksize/32 salient words (past the two a warp preloads). No atomics: calling again

@@ -2,19 +2,18 @@
 :mod:`cuda_codebook` with whole row tiles a thread block and no split-K workspace. NVRTC, at
 first use.
 
-A block stages the whole input in shared memory once (row layout: the Haar domain, the salient
-columns gathered in slot order; with the salient words' first index of every quantization block)
-and then owns row tiles (32 band slots, two MMA tiles of 16) ``blockIdx.x``, ``+ gridDim.x``, ...:
-a persistent grid of as many blocks as the GPU holds at once, so a layer with more tiles than
-that stages its input once a block rather than once a tile. Its warps split the quantization
-blocks into contiguous ranges, the same in every tile; a warp walks its range with the next
-block's codes, codebooks and first two salient words loaded into registers while it decodes the
-current one (one ``mma.m16n8k16`` a 16 x 16 piece, ``cuda_codebook.DECODE``; more than 16 warps
-have 64 registers and load after decoding). At the end of a tile the warps add their partial
-outputs in shared memory (two buffers, alternating, so one barrier a tile) and the block writes
-the tile's 32 rows: no float32 workspace, no fence, no tile counter, one launch a call, the same
-bits every call. Reads the buffers of :func:`hbllm.packed.codebook.build` (shared with
-:mod:`cuda_codebook`: built once a layer).
+The warps of a block split the quantization blocks into contiguous ranges, and each warp stages
+the inputs of its own range in shared memory (row layout: the Haar domain, the salient columns
+gathered in slot order), so no barrier holds it before it decodes. The block then owns row tiles
+(32 band slots, two MMA tiles of 16) ``blockIdx.x``, ``+ gridDim.x``, ...: a persistent grid of
+as many blocks as the GPU holds at once, its staged inputs serving every tile. A warp walks its
+range with the next block's codes, codebooks and first two salient words loaded into registers
+while it decodes the current one (one ``mma.m16n8k16`` a 16 x 16 piece,
+``cuda_codebook.DECODE``). At the end of a tile the warps add their partial outputs in shared
+memory (two buffers, alternating: one barrier a tile) and the block writes the tile's 32 rows:
+no float32 workspace, no fence, no tile counter, one launch a call, the same bits every call.
+Reads the buffers of :func:`hbllm.packed.codebook.build` (shared with :mod:`cuda_codebook`:
+built once a layer).
 
 Built with ``PROBE`` (``scripts/tile_timeline.py``), the kernel's warps stamp their clock at
 each step: where a launch spends its time.
@@ -28,25 +27,16 @@ import torch
 from . import cuda_codebook, nvrtc
 
 MAX_TOKENS = 8
-# Launch config: warps a block (splitting the quantization blocks; more than 16: 64 registers a
-# thread and no register double buffer), programmatic dependent launch (``pdl``, nvrtc.PDL: 1
-# the next kernel may launch from the start of this one, 2 after its block loop, 3 after its
-# first block). TUNED per (rows, cols, token bucket 1/4/8), as ``bench_kernel.py --tune tile``
-# prints it (H200, 2026-11-29: experiments/benchmarks/raw/kernel_tile_persistent_2026-11-29.json);
-# CONFIG, the fallback, won 6 of 9.
+# Launch config: warps a block (splitting the quantization blocks), programmatic dependent
+# launch (``pdl``, nvrtc.PDL: 1 the next kernel may launch from the start of this one, 2 after
+# its block loop, 3 after its first block). TUNED per (rows, cols, token bucket 1/4/8), as
+# ``bench_kernel.py --tune tile`` prints it: empty, as CONFIG was within 0.1 us of the best at
+# every 7B shape and bucket (H200, 2026-11-29: experiments/benchmarks/raw/
+# kernel_tile_warp_staging_tune_2026-11-29.json; 24 and 32 warps, at 64 registers without the
+# register double buffer, only tied: not kept).
 CONFIG = {"warps": 16, "pdl": 3}
 BUCKETS = (1, 4, 8)
-TUNED: dict[tuple, dict] = {
-    (4096, 4096, 1): {"warps": 16, "pdl": 3},
-    (4096, 4096, 4): {"warps": 16, "pdl": 3},
-    (4096, 4096, 8): {"warps": 24, "pdl": 1},
-    (11008, 4096, 1): {"warps": 16, "pdl": 3},
-    (11008, 4096, 4): {"warps": 16, "pdl": 3},
-    (11008, 4096, 8): {"warps": 16, "pdl": 3},
-    (4096, 11008, 1): {"warps": 16, "pdl": 3},
-    (4096, 11008, 4): {"warps": 24, "pdl": 3},
-    (4096, 11008, 8): {"warps": 24, "pdl": 3},
-}
+TUNED: dict[tuple, dict] = {}
 
 SOURCE = r"""
 #define WPB (BS / 32)           // words per quantization block
@@ -77,7 +67,7 @@ __device__ __forceinline__ long long ns_now() {
 #define STAMP(k)
 #define PROBE_ARG
 #endif
-extern "C" __global__ void __launch_bounds__(32 * WARPS) NAME(PACKED_ARGS,
+extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     const int* __restrict__ sfirst, const uint4* __restrict__ cbm, const uint2* __restrict__ bkm,
     const uint2* __restrict__ cbs, const uint2* __restrict__ bks PROBE_ARG) {
 #ifdef PROBE
@@ -91,7 +81,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) NAME(PACKED_ARGS,
   u16* zm = reinterpret_cast<u16*>(smem4);  // [N][ZC] main inputs
   u16* zs = zm + N * ZC;                    // [N][ZSC] salient inputs, slot order
   float* fin = reinterpret_cast<float*>(zs + N * ZSC);  // [2 tiles][warps][N tokens][32 rows]
-  int* sf = reinterpret_cast<int*>(fin + 2 * (blockDim.x >> 5) * N * 32);  // [NB + 1] sfirst
+  int* sf = reinterpret_cast<int*>(fin + 2 * (blockDim.x >> 5) * N * 32);  // [NB] sfirst
   const float c = (float)cd;
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int g = lane >> 2, q = lane & 3;
@@ -116,9 +106,20 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) NAME(PACKED_ARGS,
 #endif
     k.bs = bks[((size_t)t * NB + a) * 32 + lane];
   };
+#if TRIG == 1
+  dep_launch();
+#endif
+  Blk A;
+  if (t0 < T) load_main(A, t0, a0);  // the first block in flight while the inputs are staged
+  // the salient words of this warp's blocks, w_lo .. w_hi - 1 (lane l holds block a0 + l's
+  // first)
+  const int nu = a1 - a0;
+  const int sfl = lane <= nu ? sfirst[a0 + lane] : 0;
+  const int w_lo = __shfl_sync(0xffffffffu, sfl, 0);
+  const int w_hi = nu < 32 ? __shfl_sync(0xffffffffu, sfl, min(nu, 31)) : sfirst[a1];
   auto load_sal = [&](Blk& k, int t, int a) {
     k.f0 = sf[a];
-    k.f1 = sf[a + 1];
+    k.f1 = a + 1 < a1 ? sf[a + 1] : w_hi;
     k.s0 = k.f0 < k.f1 ? cbs[((size_t)t * SW + k.f0) * 32 + lane] : make_uint2(0u, 0u);
     k.s1 = k.f0 + 1 < k.f1 ? cbs[((size_t)t * SW + k.f0 + 1) * 32 + lane] : make_uint2(0u, 0u);
   };
@@ -126,30 +127,27 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) NAME(PACKED_ARGS,
     load_main(k, t, a);
     load_sal(k, t, a);
   };
-#if TRIG == 1
-  dep_launch();
-#endif
-  Blk A;
-  if (t0 < T) load_main(A, t0, a0);  // the first block in flight while the inputs are staged
-  // the weights' column indices (salient slots, -1: padding) and salient word ranges (one a
-  // quantization block): this thread's first ones in flight too
-  const int sc0 = threadIdx.x < SW * 32 ? sc[threadIdx.x] : -1;
-  const int sf0 = threadIdx.x <= NB ? sfirst[threadIdx.x] : 0;
+  // a warp stages the inputs of its own blocks (the same columns in every tile it visits): no
+  // block barrier before it decodes. The column indices of its first 64 salient slots are
+  // weights: requested before dep_wait.
+  const int col0 = 32 * w_lo + lane < 32 * w_hi ? sc[32 * w_lo + lane] : -1;
+  const int col1 = 32 * w_lo + 32 + lane < 32 * w_hi ? sc[32 * w_lo + 32 + lane] : -1;
   dep_wait();  // x and y belong to the kernels before this one
   STAMP(1);
   // main inputs: 8 columns (16 bytes) of a token an item (stage8: Haar domain or kept columns)
-  const int per = C / 8, items = N * per;
+  const int per = nu * BS / 8, items = N * per;
 #pragma unroll 4
-  for (int it = threadIdx.x; it < items; it += blockDim.x) {
-    const int n = it / per, j0 = (it - n * per) * 8;
+  for (int it = lane; it < items; it += 32) {
+    const int n = it / per, j0 = a0 * BS + (it - n * per) * 8;
     stage8(zm + n * ZC, *reinterpret_cast<const uint4*>(x + (size_t)n * C + j0), j0, keep + j0, c);
   }
-  for (int j = threadIdx.x; j < SW * 32; j += blockDim.x) {  // salient slots
-    const int col = j == threadIdx.x ? sc0 : sc[j];
+  for (int j = 32 * w_lo + lane; j < 32 * w_hi; j += 32) {  // salient slots
+    const int u = (j - 32 * w_lo) >> 5;
+    const int col = u == 0 ? col0 : u == 1 ? col1 : sc[j];
     for (int n = 0; n < N; ++n) zs[n * ZSC + j] = col >= 0 ? x[(size_t)n * C + col] : (u16)0;
   }
-  for (int i = threadIdx.x; i <= NB; i += blockDim.x) sf[i] = i == threadIdx.x ? sf0 : sfirst[i];
-  __syncthreads();
+  for (int i = lane; i < nu; i += 32) sf[a0 + i] = i == lane ? sfl : sfirst[a0 + i];
+  __syncwarp();
   if (t0 < T) load_sal(A, t0, a0);
   STAMP(2);
 #if TRIG == 3
@@ -191,15 +189,10 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) NAME(PACKED_ARGS,
       for (int i = 0; i < 4; ++i) am[v][0][i] = as[v][0][i] = 0.f;
 #pragma unroll 1
     for (int a = a0; a < a1; ++a) {  // A holds block a of tile t
-#if WARPS <= 16  // else 64 registers a thread: no room for a second block
       Blk B;
       if (nt < T) load(B, nt, na);  // in flight while A is decoded
       run(A, t, a);
       A = B;
-#else
-      run(A, t, a);
-      if (nt < T) load(A, nt, na);
-#endif
 #if TRIG == 3
       if (t == (int)blockIdx.x && a == a0) dep_launch();
 #endif
@@ -261,21 +254,17 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) NAME(PACKED_ARGS,
 """
 
 
-def macros(row: bool, bs: int, trig: int = 1, warps: int = 16) -> dict:
+def macros(row: bool, bs: int, trig: int = 1) -> dict:
     """Compile-time constants: layout, blocksize, where the next kernel may launch
-    (:data:`CONFIG`'s ``pdl``), warps a block (the launch bound: more than 16 cap the registers
-    at 64, and a warp then loads its next quantization block only after decoding the current
-    one)."""
-    return dict(ROW=int(row), DT=0, BS=bs, TRIG=trig, WARPS=warps)
+    (:data:`CONFIG`'s ``pdl``)."""
+    return dict(ROW=int(row), DT=0, BS=bs, TRIG=trig)
 
 
 @functools.cache
-def _kernel(row: bool, bs: int, device: int, trig: int = 1, warps: int = 16,
-            probe: bool = False):
-    name = f"hbllm_tile_{'row' if row else 'col'}_{bs}_t{trig}_w{warps}"
+def _kernel(row: bool, bs: int, device: int, trig: int = 1, probe: bool = False):
+    name = f"hbllm_tile_{'row' if row else 'col'}_{bs}_t{trig}" + "_probe" * probe
     extra = {"PROBE": 1} if probe else {}
-    return nvrtc.compile_kernel(SOURCE, name + "_probe" * probe, device,
-                                **macros(row, bs, trig, warps), **extra)
+    return nvrtc.compile_kernel(SOURCE, name, device, **macros(row, bs, trig), **extra)
 
 
 @functools.cache
@@ -317,8 +306,8 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
     n, cols = x.shape
     cfg = config(meta["rows"], cols, min(n, MAX_TOKENS))
     warps = cfg["warps"]
-    if not 1 <= warps <= 32:
-        raise ValueError(f"tile GEMV config {cfg}: warps must be 1-32 (1024 threads a block)")
+    if not 1 <= warps <= 16:
+        raise ValueError(f"tile GEMV config {cfg}: warps must be 1-16 (512 threads a block)")
     device = nvrtc.device_index(x.device)
     sal_words = rt["sal_wgrp"].numel()
     nt = tokens_a_launch(cols, sal_words, warps, device)
@@ -328,7 +317,7 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
     nt = min(nt, n)
     buf = cuda_codebook.buffers(rt, meta, scratch)
     pdl = cfg.get("pdl", 0)
-    kernel = _kernel(meta["layout"] == "row", meta["blocksize"], device, max(pdl, 1), warps,
+    kernel = _kernel(meta["layout"] == "row", meta["blocksize"], device, max(pdl, 1),
                      probe is not None)
     smem = smem_bytes(cols, sal_words, nt, warps)
     tiles = (meta["rows"] + 31) // 32
