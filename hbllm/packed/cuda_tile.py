@@ -27,6 +27,7 @@ import torch
 from . import cuda_codebook, nvrtc
 
 MAX_TOKENS = 8
+MAX_WARPS = 16  # 512 threads a block: the kernel's launch bound
 # Launch config: warps a block (splitting the quantization blocks), programmatic dependent
 # launch (``pdl``, nvrtc.PDL: 1 the next kernel may launch from the start of this one, 2 after
 # its block loop, 3 after its first block). TUNED per (rows, cols, token bucket 1/4/8), as
@@ -294,7 +295,7 @@ def tokens_a_launch(cols: int, sal_words: int, warps: int, device: int) -> int:
 
 def fits(cols: int, sal_words: int, device: torch.device) -> bool:
     """Whether one token's inputs fit shared memory (with the most warps a block)."""
-    return tokens_a_launch(cols, sal_words, 32, nvrtc.device_index(device)) > 0
+    return tokens_a_launch(cols, sal_words, MAX_WARPS, nvrtc.device_index(device)) > 0
 
 
 def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
@@ -306,8 +307,9 @@ def gemv(x: torch.Tensor, rt: dict[str, torch.Tensor], meta: dict, c: float,
     n, cols = x.shape
     cfg = config(meta["rows"], cols, min(n, MAX_TOKENS))
     warps = cfg["warps"]
-    if not 1 <= warps <= 16:
-        raise ValueError(f"tile GEMV config {cfg}: warps must be 1-16 (512 threads a block)")
+    if not 1 <= warps <= MAX_WARPS:
+        raise ValueError(f"tile GEMV config {cfg}: warps must be 1-{MAX_WARPS} (512 threads a "
+                         "block)")
     device = nvrtc.device_index(x.device)
     sal_words = rt["sal_wgrp"].numel()
     nt = tokens_a_launch(cols, sal_words, warps, device)
