@@ -119,6 +119,12 @@ def copies(make, nbytes: int, l2: int):
     return [make() for _ in range(max(2, math.ceil(2 * l2 / nbytes)))]
 
 
+def fp16_copies(rows: int, cols: int, l2: int) -> list:
+    """cuBLAS fp16 linears (out ``rows``, in ``cols``) over twice the L2 in weight bytes."""
+    return copies(functools.partial(torch.nn.Linear, cols, rows, bias=False, device="cuda",
+                                    dtype=torch.float16), rows * cols * 2, l2)
+
+
 @contextlib.contextmanager
 def plain_launches():
     """Within: no programmatic dependent launch (``nvrtc.PDL``), restored afterwards."""
@@ -219,8 +225,7 @@ def bench_layers(packs, codes, bw: float, l2: int) -> list:
         rows, cols = meta["rows"], meta["cols"]
         pk = copies(functools.partial(PackedLinear, packed, meta, device="cuda"), 8 << 20, l2)
         pk_bytes = module_bytes(pk[0])
-        w16 = [torch.nn.Linear(cols, rows, bias=False, device="cuda", dtype=torch.float16)
-               for _ in range(max(2, math.ceil(2 * l2 / (rows * cols * 2))))]
+        w16 = fp16_copies(rows, cols, l2)
         w_ref = dequantize(codes[label]).cuda().double()
         found = {}
         for batch in BATCHES:

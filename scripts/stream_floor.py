@@ -19,7 +19,6 @@ import argparse
 import functools
 import itertools
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -105,7 +104,7 @@ def best(mods, x, sms: int, pdl: bool) -> dict:
 
 
 def main() -> None:
-    from bench_kernel import SHAPES, copies, graph_time_us, module_bytes, quantize_shape
+    from bench_kernel import SHAPES, copies, fp16_copies, graph_time_us, module_bytes, quantize_shape
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -117,8 +116,7 @@ def main() -> None:
         codes, _, _ = quantize_shape(rows, cols, quant, seed=i)
         nbytes = module_bytes(PackedLinear(pack_linear(codes), linear_meta(codes), device="cuda"))
         x = torch.randn(1, cols, device="cuda", dtype=torch.float16)
-        w16 = [torch.nn.Linear(cols, rows, bias=False, device="cuda", dtype=torch.float16)
-               for _ in range(max(2, math.ceil(2 * l2 / (rows * cols * 2))))]
+        w16 = fp16_copies(rows, cols, l2)
         fp16 = graph_time_us(w16, x)
         del w16
         row = {"shape": f"{rows}x{cols}", "layer": label, "packed_MB": nbytes / 1e6,
