@@ -7,7 +7,7 @@ compute wrong outputs on purpose and only their time is used), ``+`` joins cuts:
   full      the kernel as shipped
   noloop    no block of the chunk is computed (launch, input staging, first loads, epilogue)
   nodecode  a fragment register is its code word mixed with one codebook word (1 instruction
-            instead of a shift, a mask, a multiply-add and a byte permute)
+            instead of a byte permute, a multiply-add and a share of a mask and a shift)
   nomma     the MMAs replaced by one add of two fragment registers
   cached    every block after the first two reads one of the chunk's first two blocks again
             (L1/L2 hits, no DRAM stream)
@@ -33,8 +33,10 @@ from lut_anatomy import lut_layers, patched, set_source  # noqa: E402
 
 from hbllm.packed import cuda_codebook  # noqa: E402
 
-DECODE = "\n".join(f"    a[{k // 4}][{k % 4}] = perm(b{k % 2}, sel<{p}>(w, w4));"
-                   for k, p in enumerate((0, 2, 4, 6, 16, 18, 20, 22)))
+DECODE = "\n".join(f"    a[{k // 4}][{k % 4}] = perm(b{k % 2}, {sel});" for k, sel in enumerate((
+    "m0 * 0x11u + 0x0404u", "madhi(m2, 0x44000000u, 0x0404u)", "madhi(m4, 0x44000000u, 0x0404u)",
+    "madhi(m6, 0x44000000u, 0x0404u)", "madhi(m0, 0x110000u, 0x0404u)", "madhi(m2, k10, 0x0404u)",
+    "madhi(m4, k10, 0x0404u)", "madhi(m6, k10, 0x0404u)")))
 NEXT = "(b + ST - 1) % ST, cb0 + b + ST - 1);"
 PATCHES = {
     "full": [],

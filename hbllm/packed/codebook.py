@@ -20,7 +20,8 @@ eight fp16 pairs of its A fragments with a few integer instructions and one byte
 
 Buffers (:func:`build`), tiled like the runtime's (a warp's load is consecutive memory):
 ``cb_main`` int32 (T, W/2, 32, 4) -- words ``2i, 2i + 1`` of a lane as ``(A, B, A, B)``;
-``cb_sal`` int32 (T, W_sal, 32, 2); ``book_main`` (T, blocks, 32, 4 * groups per block) and
+``cb_sal`` int32 (T, W_sal, 32, 2), its storage followed by :data:`SPARE_SAL_WORDS` zero words
+(32, 2); ``book_main`` (T, blocks, 32, 4 * groups per block) and
 ``book_sal`` (T, blocks, 32, 4): codebooks in :func:`byte_planes` order, typed fp16. fp16 inputs
 only (a bf16 codebook would round the values).
 """
@@ -31,22 +32,26 @@ import torch
 from .runtime import band_rows, band_words, tile, unpack_words
 
 FIELDS = (0, 2, 4, 6, 16, 18, 20, 22)  # bit of register j's even code; its odd code is 8 higher
+SPARE_SAL_WORDS = 2  # zero words in ``cb_sal``'s storage after its last (see build)
 
 
 def selector(word: torch.Tensor, p: int) -> torch.Tensor:
     """Byte-permute selector of the register whose codes ``c`` (even column) and ``c'`` (odd)
-    sit at bits ``p, p + 1`` and ``p + 8, p + 9`` of a 32-bit word: nibbles ``c + 4, c, c' + 4,
-    c'`` (the low and high bytes of codebook values c and c', :func:`byte_planes`), i.e.
-    ``m * 0x11 + 0x0404`` with ``m = (word >> p) & 0x0303``. Computed the kernel's way, a mask
-    and one multiply-high-add: the high word of ``(w & (0x0303 << q)) * (0x11 << (32 - q))``
-    plus 0x0404, with ``q = p`` (p >= 5) or ``q = p + 4`` on ``w = word << 4`` (p = 2, 4);
-    p = 0 multiplies and adds directly. int64 in (0 .. 2**32 - 1), int64 out."""
-    if p == 0:
-        return (word & 0x0303) * 0x11 + 0x0404
-    w, q = ((word << 4) & 0xFFFFFFFF, p + 4) if p < 5 else (word, p)
-    mult = 0x11 << (32 - q)
-    assert mult < 2**32
-    return (((w & (0x0303 << q)) * mult) >> 32) + 0x0404
+    sit at bits ``p, p + 1`` and ``p + 8, p + 9`` of a 32-bit word, computed the kernel's way
+    (``cuda_codebook.DECODE``). Its low 16 bits are the nibbles ``c + 4, c, c' + 4, c'`` (the
+    low and high bytes of codebook values c and c', :func:`byte_planes`), i.e. ``m * 0x11 +
+    0x0404`` with ``m = (word >> p) & 0x0303``; bits 16-31 hold other codes (the permute reads
+    only the low 16). Registers p and p + 16 share one mask of their four codes: ``word &
+    0x03030303`` (p = 0, 16) or ``(word << (6 - p % 16)) & 0xc0c0c0c0`` (codes at bits 6, 14,
+    22, 30), then one multiply-add (p = 0) or multiply-high-add each. int64 in (0 .. 2**32 - 1),
+    int64 out (0 .. 2**32 - 1)."""
+    base = p % 16
+    if base == 0:
+        m = word & 0x03030303
+        return m * 0x11 + 0x0404 if p == 0 else ((m * (0x11 << 16)) >> 32) + 0x0404
+    m = (word << (6 - base)) & 0xC0C0C0C0
+    mult = 0x11 << (26 if p < 16 else 10)
+    return ((m * mult) >> 32) + 0x0404
 
 
 def book(stats: torch.Tensor) -> torch.Tensor:
@@ -102,5 +107,11 @@ def build(rt: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
         if band == "main":
             w = codes.shape[1]
             codes = codes.view(tiles, w // 2, 2, 32, 2).transpose(2, 3).reshape(tiles, w // 2, 32, 4)
+        else:  # two zero words after the last tile's (the row-tile GEMV loads a block's first two
+            # salient words whether it has them or not)
+            spare = torch.zeros(codes.numel() + SPARE_SAL_WORDS * 32 * 2, dtype=codes.dtype,
+                                device=codes.device)
+            spare[:codes.numel()] = codes.flatten()
+            codes = spare[:codes.numel()].view(codes.shape)
         out[f"cb_{band}"], out[f"book_{band}"] = codes.contiguous(), bk
     return out

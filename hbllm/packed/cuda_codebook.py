@@ -62,24 +62,22 @@ __device__ __forceinline__ void mma(float* d, const unsigned* a, unsigned b0, un
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-// selector of the register whose codes c (even column), c' (odd) sit at bits P, P + 1 and P + 8,
-// P + 9 of w: nibbles c + 4, c, c' + 4, c' (low and high bytes of codebook values c, c': the
-// codebook holds the values' high bytes, then their low bytes), i.e. m * 0x11 + 0x0404 for
-// m = (w >> P) & 0x0303: for P >= 5 the high word of (w & (0x0303 << P)) * (0x11 << (32 - P)),
-// plus 0x0404 (a mask and a multiply-high-add); P = 2, 4 read w4 = w << 4 at P + 4
-// (codebook.selector emulates this)
+// Selectors. Register P's codes c (even column), c' (odd) sit at bits P, P + 1 and P + 8, P + 9
+// of the stored word w; its selector has nibbles c + 4, c, c' + 4, c' (low and high bytes of
+// codebook values c, c': the codebook holds the values' high bytes, then their low bytes), i.e.
+// m * 0x11 + 0x0404 for m = (w >> P) & 0x0303. Registers P and P + 16 share one mask of their
+// four codes: m0 = w & 0x03030303 (P = 0, in place) and mP = (w << (6 - P)) & 0xc0c0c0c0
+// (P = 2, 4, 6: codes at bits 6, 14, 22, 30). A selector is then one multiply(-high)-add of
+// the mask: m0 * 0x11 + 0x0404, and the high word of mP * (0x11 << 26), m0 * (0x11 << 16) or
+// mP * (0x11 << 10) plus 0x0404. The bits above 15 hold other codes: the permute reads only
+// the low 16 (codebook.selector emulates this).
 // the high word of a * b + (c << 32): one IMAD.HI whose 64-bit addend is a register pair the
 // compiler keeps for every call (written as PTX mad.hi, the pair was rebuilt by one or two moves
 // before each use: 673 -> 469 SASS instructions a block loop, 1-8 tokens, cb 4)
 __device__ __forceinline__ unsigned madhi(unsigned a, unsigned b, unsigned c) {
   return (unsigned)(((unsigned long long)a * b + ((unsigned long long)c << 32)) >> 32);
 }
-template <int P> __device__ __forceinline__ unsigned sel(unsigned w, unsigned w4) {
-  if constexpr (P == 0) return (w & 0x0303u) * 0x11u + 0x0404u;
-  else if constexpr (P < 5) return madhi(w4 & (0x0303u << (P + 4)), 0x11u << (28 - P), 0x0404u);
-  else return madhi(w & (0x0303u << P), 0x11u << (32 - P), 0x0404u);
-}
-// bytes of (hi:lo) picked by the selector's nibbles (all below 8: no sign replication)
+// bytes of (hi:lo) picked by the selector's low four nibbles (all below 8: no sign replication)
 __device__ __forceinline__ unsigned perm(uint2 b, unsigned s) {
   unsigned r;
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(b.x), "r"(b.y), "r"(s));
@@ -101,16 +99,19 @@ __device__ __forceinline__ void word(float (*acc)[NTILE][4], unsigned wa, unsign
   for (int v = 0; v < 2; ++v) {
     const unsigned w = v ? wb : wa;
     const uint2 b0 = bk[2 * v], b1 = bk[2 * v + 1];  // rows g, g + 8 of the tile
-    const unsigned w4 = w << 4;
-    unsigned a[2][4];
-    a[0][0] = perm(b0, sel<0>(w, w4));
-    a[0][1] = perm(b1, sel<2>(w, w4));
-    a[0][2] = perm(b0, sel<4>(w, w4));
-    a[0][3] = perm(b1, sel<6>(w, w4));
-    a[1][0] = perm(b0, sel<16>(w, w4));
-    a[1][1] = perm(b1, sel<18>(w, w4));
-    a[1][2] = perm(b0, sel<20>(w, w4));
-    a[1][3] = perm(b1, sel<22>(w, w4));
+    const unsigned m0 = w & 0x03030303u, m2 = (w << 4) & 0xc0c0c0c0u,
+                   m4 = (w << 2) & 0xc0c0c0c0u, m6 = w & 0xc0c0c0c0u;
+    unsigned a[2][4], k10;  // 0x11 << 10 as an opaque register: as a constant, the compiler
+    asm("mov.b32 %0, 0x4400;" : "=r"(k10));  // derived those products from the << 26 ones with
+                                             // an IMAD.WIDE and an IADD more a pair
+    a[0][0] = perm(b0, m0 * 0x11u + 0x0404u);
+    a[0][1] = perm(b1, madhi(m2, 0x44000000u, 0x0404u));
+    a[0][2] = perm(b0, madhi(m4, 0x44000000u, 0x0404u));
+    a[0][3] = perm(b1, madhi(m6, 0x44000000u, 0x0404u));
+    a[1][0] = perm(b0, madhi(m0, 0x110000u, 0x0404u));
+    a[1][1] = perm(b1, madhi(m2, k10, 0x0404u));
+    a[1][2] = perm(b0, madhi(m4, k10, 0x0404u));
+    a[1][3] = perm(b1, madhi(m6, k10, 0x0404u));
 #pragma unroll
     for (int h = 0; h < NTILE; ++h) {
       mma(acc[v][h], a[0], bz[h].x, bz[h].y);
