@@ -223,6 +223,7 @@ def _emulate_codebook(cb: dict, rt: dict, meta: dict, band: str) -> torch.Tensor
         for v in range(2):
             slot = g + 8 * h + 16 * v
             sel = codebook.selector(w[..., v], p)  # (T, W, 32)
+            assert not (sel & 0x8888).any()  # no nibble the permute reads replicates a sign
             row_bytes = wb[:, :, slot, :]  # (T, W, 32 lanes, 8)
             b = [torch.gather(row_bytes, -1, ((sel >> (4 * i)) & 7)[..., None]).squeeze(-1)
                  for i in range(4)]
@@ -230,6 +231,19 @@ def _emulate_codebook(cb: dict, rt: dict, meta: dict, band: str) -> torch.Tensor
                 half = (lo | (hi << 8)).to(torch.int16).view(torch.float16).float()
                 out[:, slot, :, col + k] = half.permute(2, 0, 1)
     return out.view(tiles * 32, words * 32)
+
+
+def test_codebook_salient_words_end_in_spare_zeros():
+    """The row-tile GEMV loads a block's first two salient words whether it has them or not: the
+    salient code buffer's storage holds SPARE_SAL_WORDS zero words (32 lanes x 2) after the last
+    tile's, for the last tile's blocks without salient words."""
+    codes = random_codes("row", 70, 512, seed=4, max_k=40)
+    meta = linear_meta(codes)
+    sal = codebook.build(build_runtime(pack_linear(codes), meta), meta)["cb_sal"]
+    whole = torch.empty(0, dtype=sal.dtype).set_(sal.untyped_storage())
+    assert sal.data_ptr() == whole.data_ptr() and sal.is_contiguous()
+    assert whole.numel() == sal.numel() + codebook.SPARE_SAL_WORDS * 64
+    assert not whole[sal.numel():].any() and sal.any()
 
 
 @pytest.mark.parametrize("layout,blocksize", [("row", 128), ("row", 64), ("col", 128), ("col", 64)])

@@ -52,6 +52,10 @@ struct Blk {      // a lane's share of one quantization block
   uint2 bs, s0, s1;  // salient codebook, first two salient words
   int f0, f1;     // salient words f0 .. f1 - 1
 };
+struct Cur {      // a unit: quantization block a of row tile t, and this lane's offsets in
+  int t, a;       // the buffers: codes (uint4), codebooks, the tile's salient words (uint2)
+  int oc, ob, os;
+};
 // PROBE (scripts/tile_timeline.py): a warp's lane 0 stamps its SM clock at steps 0-6 into
 // prb[(block * warps + warp) * 16 + step], and the global timer (ns) at its start and end into
 // slots 7 and 8
@@ -90,43 +94,56 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   // ...), walked by cursors (t, a); t >= T: past the last
   const int a0 = (int)((long long)NB * wid / nw), a1 = (int)((long long)NB * (wid + 1) / nw);
   const int t0 = a0 < a1 ? (int)blockIdx.x : T;
-  auto next = [&](int& t, int& a) {
-    if (++a == a1) { a = a0; t += (int)gridDim.x; }
+  const int GX = (int)gridDim.x, nu = a1 - a0;
+  // the next unit: offsets move by one block, or to block a0 of tile t + GX
+  auto next = [&](Cur& u) {
+    const bool wrap = ++u.a == a1;
+    u.a = wrap ? a0 : u.a;
+    u.t += wrap ? GX : 0;
+    u.oc += wrap ? (GX * (W / 2) - (nu - 1) * NCP) * 32 : NCP * 32;
+    u.ob += wrap ? (GX * NB - (nu - 1)) * 32 : 32;
+    u.os += wrap ? GX * SW * 32 : 0;
   };
   // a unit's loads: codes and codebooks (no dependence), then its salient words' range (from
   // shared memory: a global read there would hold the warp for a round trip before the first
   // salient word could be requested)
-  auto load_main = [&](Blk& k, int t, int a) {
+  auto load_main = [&](Blk& k, const Cur& u) {
 #pragma unroll
-    for (int i = 0; i < NCP; ++i) k.c[i] = cbm[((size_t)t * (W / 2) + a * NCP + i) * 32 + lane];
+    for (int i = 0; i < NCP; ++i) k.c[i] = cbm[u.oc + i * 32];
 #if GPB == 2
-    k.bm = reinterpret_cast<const uint4*>(bkm)[((size_t)t * NB + a) * 32 + lane];
+    k.bm = reinterpret_cast<const uint4*>(bkm)[u.ob];
 #else
-    const uint2 b = bkm[((size_t)t * NB + a) * 32 + lane];
+    const uint2 b = bkm[u.ob];
     k.bm = make_uint4(b.x, b.y, 0u, 0u);
 #endif
-    k.bs = bks[((size_t)t * NB + a) * 32 + lane];
+    k.bs = bks[u.ob];
   };
+  Cur cur;  // the unit A holds
+  cur.t = t0;
+  cur.a = a0;
+  cur.oc = (t0 * (W / 2) + a0 * NCP) * 32 + lane;
+  cur.ob = (t0 * NB + a0) * 32 + lane;
+  cur.os = t0 * SW * 32 + lane;
 #if TRIG == 1
   dep_launch();
 #endif
   Blk A;
-  if (t0 < T) load_main(A, t0, a0);  // the first block in flight while the inputs are staged
+  if (t0 < T) load_main(A, cur);  // the first block in flight while the inputs are staged
   // the salient words of this warp's blocks, w_lo .. w_hi - 1 (lane l holds block a0 + l's
   // first)
-  const int nu = a1 - a0;
   const int sfl = lane <= nu ? sfirst[a0 + lane] : 0;
   const int w_lo = __shfl_sync(0xffffffffu, sfl, 0);
   const int w_hi = nu < 32 ? __shfl_sync(0xffffffffu, sfl, min(nu, 31)) : sfirst[a1];
-  auto load_sal = [&](Blk& k, int t, int a) {
-    k.f0 = sf[a];
-    k.f1 = a + 1 < a1 ? sf[a + 1] : w_hi;
-    k.s0 = k.f0 < k.f1 ? cbs[((size_t)t * SW + k.f0) * 32 + lane] : make_uint2(0u, 0u);
-    k.s1 = k.f0 + 1 < k.f1 ? cbs[((size_t)t * SW + k.f0 + 1) * 32 + lane] : make_uint2(0u, 0u);
+  auto load_sal = [&](Blk& k, const Cur& u) {
+    k.f0 = sf[u.a];
+    k.f1 = sf[u.a + 1];
+    const uint2* s = cbs + u.os + k.f0 * 32;  // whether the block has them or not: the words
+    k.s0 = s[0];                               // past the last tile's are spare zeros
+    k.s1 = s[32];                              // (codebook.SPARE_SAL_WORDS)
   };
-  auto load = [&](Blk& k, int t, int a) {
-    load_main(k, t, a);
-    load_sal(k, t, a);
+  auto load = [&](Blk& k, const Cur& u) {
+    load_main(k, u);
+    load_sal(k, u);
   };
   // a warp stages the inputs of its own blocks (the same columns in every tile it visits): no
   // block barrier before it decodes. The column indices of its first 64 salient slots are
@@ -147,9 +164,9 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     const int col = u == 0 ? col0 : u == 1 ? col1 : sc[j];
     for (int n = 0; n < N; ++n) zs[n * ZSC + j] = col >= 0 ? x[(size_t)n * C + col] : (u16)0;
   }
-  for (int i = lane; i < nu; i += 32) sf[a0 + i] = i == lane ? sfl : sfirst[a0 + i];
+  for (int i = lane; i <= nu; i += 32) sf[a0 + i] = i == lane ? sfl : sfirst[a0 + i];
   __syncwarp();
-  if (t0 < T) load_sal(A, t0, a0);
+  if (t0 < T) load_sal(A, cur);
   STAMP(2);
 #if TRIG == 3
   if (t0 >= T) dep_launch();  // warps with no blocks
@@ -158,7 +175,7 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   const u16* zr = zm + zo * ZC + q * 8;
   const u16* zsr = zs + zo * ZSC + q * 8;
   float am[2][NTILE][4], as[2][NTILE][4];  // [MMA tile][n-tile][fragment], main and salient
-  auto run = [&](const Blk& k, int t, int a) {
+  auto run = [&](const Blk& k, int os, int a) {  // os: the tile's salient words
 #pragma unroll
     for (int j = 0; j < GPB; ++j) {
       uint2 bk[4];
@@ -170,35 +187,43 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
         word(am, i % 2 ? cw.z : cw.x, i % 2 ? cw.w : cw.y, &bz, bk);
       }
     }
-    if (k.f0 < k.f1) {
-      uint2 bk[4];
+    if (k.f0 < k.f1) {  // salient words: the preloaded two (blocks of up to 64 salient
+      uint2 bk[4];       // columns), then any others
       books(k.bs, g, bk);
-      for (int w = k.f0; w < k.f1; ++w) {
-        const uint2 cw = w == k.f0 ? k.s0 : w == k.f0 + 1 ? k.s1 : cbs[((size_t)t * SW + w) * 32 + lane];
-        const uint4 bz = *reinterpret_cast<const uint4*>(zsr + w * 32);
-        word(as, cw.x, cw.y, &bz, bk);
+      const uint4 bz0 = *reinterpret_cast<const uint4*>(zsr + k.f0 * 32);
+      word(as, k.s0.x, k.s0.y, &bz0, bk);
+      if (k.f0 + 1 < k.f1) {
+        const uint4 bz1 = *reinterpret_cast<const uint4*>(zsr + k.f0 * 32 + 32);
+        word(as, k.s1.x, k.s1.y, &bz1, bk);
+#pragma unroll 1
+        for (int w = k.f0 + 2; w < k.f1; ++w) {
+          const uint2 cw = cbs[os + w * 32];
+          const uint4 bz = *reinterpret_cast<const uint4*>(zsr + w * 32);
+          word(as, cw.x, cw.y, &bz, bk);
+        }
       }
     }
   };
-  int nt = t0, na = a0;  // the cursor of the unit after A's
-  next(nt, na);
+  Cur un = cur;  // the unit after A's
+  next(un);
 #pragma unroll 1
   for (int t = blockIdx.x, k = 0; t < T; t += gridDim.x, ++k) {
+    const int os = t * SW * 32 + lane;
 #pragma unroll
     for (int v = 0; v < 2; ++v)
 #pragma unroll
       for (int i = 0; i < 4; ++i) am[v][0][i] = as[v][0][i] = 0.f;
-#pragma unroll 1
+#pragma unroll 2
     for (int a = a0; a < a1; ++a) {  // A holds block a of tile t
       Blk B;
-      if (nt < T) load(B, nt, na);  // in flight while A is decoded
-      run(A, t, a);
+      if (un.t < T) load(B, un);  // in flight while A is decoded
+      run(A, os, a);
       A = B;
 #if TRIG == 3
       if (t == (int)blockIdx.x && a == a0) dep_launch();
 #endif
       if (k == 0 && a == a0) STAMP(3);
-      next(nt, na);
+      next(un);
     }
     if (k == 0) STAMP(4);
     // fragments -> this warp's partial outputs: element i is row g + 8 (i >> 1) of the MMA tile,
