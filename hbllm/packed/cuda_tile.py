@@ -45,6 +45,7 @@ SOURCE = r"""
 #define WPGR (WPB / GPB)        // main words per group
 #define NCP (WPB / 2)           // 16-byte pieces of a lane's main codes per block
 #define NTILE 1
+#define SPRE 8                  // salient words a warp gathers the inputs of at once
 """ + cuda_codebook.DECODE + r"""
 struct Blk {      // a lane's share of one quantization block
   uint4 c[NCP];   // main codes (words 2i, 2i + 1 as A, B, A, B)
@@ -134,22 +135,27 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   const int sfl = lane <= nu ? sfirst[a0 + lane] : 0;
   const int w_lo = __shfl_sync(0xffffffffu, sfl, 0);
   const int w_hi = nu < 32 ? __shfl_sync(0xffffffffu, sfl, min(nu, 31)) : sfirst[a1];
-  auto load_sal = [&](Blk& k, const Cur& u) {
-    k.f0 = sf[u.a];
-    k.f1 = sf[u.a + 1];
-    const uint2* s = cbs + u.os + k.f0 * 32;  // whether the block has them or not: the words
-    k.s0 = s[0];                               // past the last tile's are spare zeros
-    k.s1 = s[32];                              // (codebook.SPARE_SAL_WORDS)
+  auto load_sal = [&](Blk& k, const Cur& u, int f0, int f1) {
+    k.f0 = f0;
+    k.f1 = f1;
+    const uint2* s = cbs + u.os + f0 * 32;  // whether the block has them or not: the words
+    k.s0 = s[0];                             // past the last tile's are spare zeros
+    k.s1 = s[32];                            // (codebook.SPARE_SAL_WORDS)
   };
   auto load = [&](Blk& k, const Cur& u) {
     load_main(k, u);
-    load_sal(k, u);
+    load_sal(k, u, sf[u.a], sf[u.a + 1]);
   };
-  // a warp stages the inputs of its own blocks (the same columns in every tile it visits): no
-  // block barrier before it decodes. The column indices of its first 64 salient slots are
-  // weights: requested before dep_wait.
-  const int col0 = 32 * w_lo + lane < 32 * w_hi ? sc[32 * w_lo + lane] : -1;
-  const int col1 = 32 * w_lo + 32 + lane < 32 * w_hi ? sc[32 * w_lo + 32 + lane] : -1;
+  // the column indices of the warp's first SPRE salient words are weights: requested before
+  // dep_wait. A warp stages the inputs of its own blocks (the same columns in every tile it
+  // visits): no block barrier before it decodes. (Its first block's salient words, requested
+  // here too, made 4 and 8 tokens slower: kernel_variants_tile_staging_2026-11-29.json.)
+  int col[SPRE];
+#pragma unroll
+  for (int u = 0; u < SPRE; ++u) {
+    const int j = 32 * (w_lo + u) + lane;
+    col[u] = j < 32 * w_hi ? sc[j] : -1;
+  }
   dep_wait();  // x and y belong to the kernels before this one
   STAMP(1);
   // main inputs: 8 columns (16 bytes) of a token an item (stage8: Haar domain or kept columns)
@@ -159,14 +165,24 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
     const int n = it / per, j0 = a0 * BS + (it - n * per) * 8;
     stage8(zm + n * ZC, *reinterpret_cast<const uint4*>(x + (size_t)n * C + j0), j0, keep + j0, c);
   }
-  for (int j = 32 * w_lo + lane; j < 32 * w_hi; j += 32) {  // salient slots
+  // salient inputs: one token's first SPRE words requested together; any other words (all of
+  // them for several tokens) one at a time, all tokens together
+  if (N == 1) {
+    u16 h[SPRE];
+#pragma unroll
+    for (int u = 0; u < SPRE; ++u) h[u] = col[u] >= 0 ? x[col[u]] : (u16)0;
+#pragma unroll
+    for (int u = 0; u < SPRE; ++u)
+      if (w_lo + u < w_hi) zs[32 * (w_lo + u) + lane] = h[u];
+  }
+  for (int j = 32 * (w_lo + (N == 1 ? SPRE : 0)) + lane; j < 32 * w_hi; j += 32) {
     const int u = (j - 32 * w_lo) >> 5;
-    const int col = u == 0 ? col0 : u == 1 ? col1 : sc[j];
-    for (int n = 0; n < N; ++n) zs[n * ZSC + j] = col >= 0 ? x[(size_t)n * C + col] : (u16)0;
+    const int cj = u == 0 ? col[0] : u == 1 ? col[1] : sc[j];
+    for (int n = 0; n < N; ++n) zs[n * ZSC + j] = cj >= 0 ? x[(size_t)n * C + cj] : (u16)0;
   }
   for (int i = lane; i <= nu; i += 32) sf[a0 + i] = i == lane ? sfl : sfirst[a0 + i];
   __syncwarp();
-  if (t0 < T) load_sal(A, cur);
+  if (t0 < T) load_sal(A, cur, sf[a0], sf[a0 + 1]);
   STAMP(2);
 #if TRIG == 3
   if (t0 >= T) dep_launch();  // warps with no blocks
