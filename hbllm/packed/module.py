@@ -33,11 +33,11 @@ KERNELS = ("lut", "mma", "cb", "tile", "triton")
 # token order, as ``scripts/bench_kernel.py`` prints it; token counts past the last entry, and
 # shapes not listed, follow the fallback rule above.
 # Measured on an H200 (2026-11-29:
-# experiments/benchmarks/raw/kernel_tile_warp_staging_2026-11-29.json).
+# experiments/benchmarks/raw/kernel_tile_pairsel_staging_2026-11-29.json).
 KERNEL_TABLE: dict[tuple, tuple] = {
-    (4096, 4096): ((4, "tile"), (16, "cb")),
-    (11008, 4096): ((1, "lut"), (16, "cb")),
-    (4096, 11008): ((1, "lut"), (16, "cb")),
+    (4096, 4096): ((8, "tile"), (16, "cb")),
+    (11008, 4096): ((1, "tile"), (16, "cb")),
+    (4096, 11008): ((4, "tile"), (16, "cb")),
 }
 
 
