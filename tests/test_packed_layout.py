@@ -6,7 +6,7 @@ dequantize-then-matmul. The kernels themselves run in tests/test_packed_triton.p
 import pytest
 import torch
 
-from hbllm.packed import codebook, cuda_codebook, cuda_lut, cuda_mma, cuda_tile, nvrtc
+from hbllm.packed import codebook, cuda_codebook, cuda_lut, cuda_mma, cuda_tile, module, nvrtc
 from hbllm.packed.codes import dequantize
 from hbllm.packed.format import linear_meta, pack_linear
 from hbllm.packed.runtime import (
@@ -231,6 +231,18 @@ def _emulate_codebook(cb: dict, rt: dict, meta: dict, band: str) -> torch.Tensor
                 half = (lo | (hi << 8)).to(torch.int16).view(torch.float16).float()
                 out[:, slot, :, col + k] = half.permute(2, 0, 1)
     return out.view(tiles * 32, words * 32)
+
+
+def test_kernel_choice_by_dtype(monkeypatch):
+    """KERNEL_TABLE is measured with fp16 inputs. Where it names a codebook kernel (fp16 only),
+    bf16 inputs take the fallback rule's bf16 kernels: the lookup tables at 1 token, the +-1
+    tensor-core GEMV up to 16; past the table the fallback rule, by dtype."""
+    monkeypatch.setitem(module.KERNEL_TABLE, (64, 256), ((1, "tile"), (8, "cb"), (12, "mma")))
+    tokens = (1, 4, 12, 16, 17)
+    assert [module.kernel_for(64, 256, n) for n in tokens] == ["tile", "cb", "mma", "cb", "triton"]
+    assert [module.kernel_for(64, 256, n, torch.bfloat16) for n in tokens] == \
+        ["lut", "mma", "mma", "mma", "triton"]
+    assert [module.kernel_for(64, 512, n, torch.bfloat16) for n in (1, 2)] == ["lut", "mma"]
 
 
 def test_codebook_salient_words_end_in_spare_zeros():

@@ -41,14 +41,18 @@ KERNEL_TABLE: dict[tuple, tuple] = {
 }
 
 
-def kernel_for(rows: int, cols: int, tokens: int) -> str:
-    """The kernel (one of :data:`KERNELS`) for ``tokens`` tokens of a (rows, cols) layer."""
-    for most, kernel in KERNEL_TABLE.get((rows, cols), ()):
-        if tokens <= most:
-            return kernel
-    if tokens <= GEMV_MAX_TOKENS:
-        return "lut"
-    return "cb" if tokens <= MMA_MAX_TOKENS else "triton"
+def kernel_for(rows: int, cols: int, tokens: int, dtype: torch.dtype = torch.float16) -> str:
+    """The kernel (one of :data:`KERNELS`) for ``tokens`` tokens of a (rows, cols) layer. The
+    table is measured with fp16 inputs: for other dtypes a codebook kernel it names ("cb",
+    "tile": fp16 only, a bf16 codebook would round the values) gives way to the fallback rule's
+    bf16 choice (lookup tables, then the +-1 tensor-core GEMV)."""
+    kernel = next((k for most, k in KERNEL_TABLE.get((rows, cols), ()) if tokens <= most), None)
+    if kernel is None:
+        kernel = ("lut" if tokens <= GEMV_MAX_TOKENS else "cb" if tokens <= MMA_MAX_TOKENS
+                  else "triton")
+    if kernel in ("cb", "tile") and dtype != torch.float16:
+        kernel = "lut" if tokens <= GEMV_MAX_TOKENS else "mma"
+    return kernel
 
 
 class PackedLinear(nn.Module):
@@ -101,7 +105,7 @@ class PackedLinear(nn.Module):
         c = INVERSE[m["inverse"]]
         n, sal_words = x.shape[0], rt["sal_wgrp"].numel()
         half = x.dtype in (torch.float16, torch.bfloat16)
-        kernel = kernel_for(m["rows"], m["cols"], n) if self.gemv == "auto" else self.gemv
+        kernel = kernel_for(m["rows"], m["cols"], n, x.dtype) if self.gemv == "auto" else self.gemv
         if kernel == "tile":  # fp16 only, inputs in shared memory: else the codebook GEMV
             if (x.dtype == torch.float16 and cuda_tile.available()
                     and cuda_tile.fits(m["cols"], sal_words, x.device)):
