@@ -149,7 +149,7 @@ extern "C" __global__ void __launch_bounds__(512) NAME(PACKED_ARGS,
   // the column indices of the warp's first SPRE salient words are weights: requested before
   // dep_wait. A warp stages the inputs of its own blocks (the same columns in every tile it
   // visits): no block barrier before it decodes. (Its first block's salient words, requested
-  // here too, made 4 and 8 tokens slower: kernel_variants_tile_staging_2026-11-29.json.)
+  // here too, made every token count slower: kernel_variants_tile_staging_2026-11-29.json.)
   int col[SPRE];
 #pragma unroll
   for (int u = 0; u < SPRE; ++u) {
