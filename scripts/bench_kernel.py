@@ -140,6 +140,15 @@ def set_kernel(mods, kernel: str) -> None:
         m.gemv = kernel
 
 
+def packed_copies(codes, l2: int, kernel: str) -> list:
+    """PackedLinears of ``codes`` (LinearCodes) on CUDA over twice the L2 in packed bytes,
+    forced to ``kernel`` (one of ``module.KERNELS``)."""
+    make = functools.partial(PackedLinear, pack_linear(codes), linear_meta(codes), device="cuda")
+    mods = copies(make, module_bytes(make()), l2)
+    set_kernel(mods, kernel)
+    return mods
+
+
 def tune(packs, l2: int, only=None) -> dict:
     """Per shape, the launch config of the lookup-table GEMV (1 token a launch), the +-1
     tensor-core GEMV (8 and 16), the codebook GEMV (token buckets 1/4/8/16) and the row-tile

@@ -28,20 +28,13 @@ sys.path[:0] = [str(Path(__file__).resolve().parent)]
 from hbllm.config import QuantConfig  # noqa: E402
 from hbllm.packed import nvrtc  # noqa: E402
 from hbllm.packed.codes import dequantize  # noqa: E402
-from hbllm.packed.format import linear_meta, pack_linear  # noqa: E402
-from hbllm.packed.module import PackedLinear  # noqa: E402
 
 GEMV = {"cuda_tile": "tile", "cuda_codebook": "cb", "cuda_lut": "lut", "cuda_mma": "mma"}
 
 
-def use_source(kernel, src: str) -> None:
-    """Compile ``kernel`` (module) from ``src`` from now on (its compiled-kernel cache cleared)."""
-    kernel.SOURCE = src
-    kernel._kernel.cache_clear()
-
-
 def main() -> None:
-    from bench_kernel import SHAPES, copies, fp16_copies, graph_time_us, module_bytes, quantize_shape, rel_err
+    from bench_kernel import SHAPES, fp16_copies, graph_time_us, packed_copies, quantize_shape, rel_err
+    from lut_anatomy import set_source
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("module", choices=sorted(GEMV))
     ap.add_argument("files", nargs="+")
@@ -58,24 +51,21 @@ def main() -> None:
     out = []
     for i, (rows, cols) in enumerate(SHAPES.values()):
         codes, _, _ = quantize_shape(rows, cols, quant, seed=i)
-        make = functools.partial(PackedLinear, pack_linear(codes), linear_meta(codes), device="cuda")
-        mods = copies(make, module_bytes(make()), l2)
-        for m in mods:
-            m.gemv = GEMV[args.module]
-        w = dequantize(codes).double()
+        mods = packed_copies(codes, l2, GEMV[args.module])
+        w = dequantize(codes).cuda().double()
         dense = fp16_copies(rows, cols, l2)
         for nt in args.tokens:
             x = torch.randn(nt, cols, device="cuda", dtype=torch.float16)
-            ref = (x.double() @ w.T.to(x.device))
+            ref = x.double() @ w.T
             row = {"shape": f"{rows}x{cols}", "tokens": nt,
                    "fp16_us": graph_time_us(dense, x), "us": {}, "rel_err": {}}
             times = {name: [] for name in sources}
             for _ in range(args.rounds):
                 for name, src in sources.items():
-                    use_source(kernel, src)
+                    set_source(src, kernel)
                     times[name].append(graph_time_us(mods, x))
             for name, src in sources.items():
-                use_source(kernel, src)
+                set_source(src, kernel)
                 row["us"][name] = statistics.median(times[name])
                 row["rel_err"][name] = rel_err(mods[0](x), ref)
             row["rounds"] = times

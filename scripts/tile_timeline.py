@@ -21,7 +21,6 @@ warp, in microseconds:
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from pathlib import Path
@@ -31,8 +30,6 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
 from hbllm.config import QuantConfig  # noqa: E402
 from hbllm.packed import cuda_tile  # noqa: E402
-from hbllm.packed.format import linear_meta, pack_linear  # noqa: E402
-from hbllm.packed.module import PackedLinear  # noqa: E402
 from hbllm.quant.haar import INVERSE  # noqa: E402
 
 STEPS = ("wait", "stage", "unit1", "units", "reduce", "tiles")
@@ -78,7 +75,7 @@ def probe_run(mods, x: torch.Tensor, cfg: dict) -> dict:
 
 
 def main() -> None:
-    from bench_kernel import SHAPES, copies, module_bytes, quantize_shape
+    from bench_kernel import SHAPES, packed_copies, quantize_shape
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("warps", nargs="*", type=int)
     ap.add_argument("--tokens", type=int, default=1)
@@ -90,11 +87,7 @@ def main() -> None:
     out = []
     for i, (rows, cols) in enumerate(SHAPES.values()):
         codes, _, _ = quantize_shape(rows, cols, quant, seed=i)
-        make = functools.partial(PackedLinear, pack_linear(codes), linear_meta(codes),
-                                 device="cuda")
-        mods = copies(make, module_bytes(make()), l2)
-        for m in mods:
-            m.gemv = "tile"
+        mods = packed_copies(codes, l2, "tile")
         x = torch.randn(args.tokens, cols, device="cuda", dtype=torch.float16)
         for cfg in configs:
             runs = [probe_run(mods, x, cfg) for _ in range(5)]
